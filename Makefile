@@ -1,0 +1,78 @@
+# SnowFlock: VM fork for Linux clusters, on QEMU.
+#
+#   make deps    install what the project needs (Debian packages, .venv); idempotent
+#   make demo    the main job (see README)
+#   make test    every test: lint, types, man pages, unit, bats, VM integration
+#   make bench   benchmarks that print tables
+#
+# Parts of the suite: make test-unit, make test-bats, make test-vm, make lint.
+
+PYTHON_SYSTEM ?= /usr/bin/python3
+VENV          ?= .venv
+PY            := $(VENV)/bin/python
+DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make pandoc bats shellcheck \
+                   xenstore-utils valgrind
+MAN_SOURCES   := $(wildcard man/*.md)
+MAN_PAGES     := $(patsubst man/%.md,build/man/%,$(MAN_SOURCES))
+EXECUTABLES   := $(notdir $(wildcard bin/*))
+
+.PHONY: all deps deps-debian deps-python man completion demo test test-unit test-bats \
+        test-vm lint bench clean
+
+all: deps man completion
+
+deps: deps-debian deps-python
+
+# Only calls apt-get when a package is missing, so a second run is a no-op.
+deps-debian:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' \
+	    || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "+ apt-get install $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+deps-python: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml | deps-debian
+	[ -x $(PY) ] || $(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+man: $(MAN_PAGES)
+
+build/man/%: man/%.md | deps-debian
+	@mkdir -p build/man
+	pandoc --standalone --to man $< -o $@
+
+completion: deps-python
+	$(PY) -m sflib.cli.completion --out completion/bash $(EXECUTABLES)
+
+demo: deps man
+	$(PY) -m sflib.demo
+
+lint: deps-python
+	$(VENV)/bin/ruff check sflib tests bench
+	$(VENV)/bin/ruff format --check sflib tests bench
+	$(VENV)/bin/mypy
+	shellcheck -x .ci/run bin/* tests/bats/*.bash
+	$(PY) -m sflib.cli.completion --check completion/bash $(EXECUTABLES)
+
+test-unit: deps-python
+	$(PY) -m pytest -m 'not vm' -q
+
+test-bats: deps man
+	PATH=$(CURDIR)/bin:$$PATH bats tests/bats
+
+test-vm: deps
+	$(PY) -m pytest -m vm -q
+
+test: deps man lint test-unit test-bats test-vm
+
+bench: deps
+	$(PY) bench/xenstore_bench.py
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

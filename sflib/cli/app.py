@@ -1,0 +1,70 @@
+"""What every executable shares: option types, error mapping, exit codes.
+
+Only here do exceptions become a line on stderr ("prog: error: message (hint)")
+and an exit status from sflib.exitcodes; tracebacks only with --debug.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Annotated, NoReturn
+
+import click
+import typer
+
+from sflib import log as sflog
+from sflib.errors import SnowFlockError
+from sflib.exitcodes import ExitCode
+
+DebugOption = Annotated[
+    bool, typer.Option("--debug", help="Log debug messages and show tracebacks on errors.")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors.")]
+
+_debug = False
+
+
+def make_app(help_text: str) -> typer.Typer:
+    return typer.Typer(
+        help=help_text,
+        add_completion=False,  # completion scripts are generated into completion/
+        no_args_is_help=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+        rich_markup_mode=None,
+    )
+
+
+def setup_logging(program: str, debug: bool, quiet: bool) -> None:
+    global _debug
+    _debug = debug
+    sflog.setup(program, debug=debug, quiet=quiet)
+
+
+def fail(program: str, message: str, code: ExitCode) -> NoReturn:
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(int(code))
+
+
+def main(program: str, app: typer.Typer | Callable[..., object]) -> NoReturn:
+    """Run a typer app as program; map every error to a message and an exit code."""
+    try:
+        command = typer.main.get_command(app) if isinstance(app, typer.Typer) else app
+        assert isinstance(command, click.Command)
+        command.main(prog_name=program, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        e.show(file=sys.stderr)
+        sys.exit(int(ExitCode.USAGE))
+    except click.exceptions.Abort:
+        fail(program, "interrupted", ExitCode.FAILED)
+    except SnowFlockError as e:
+        if _debug:
+            logging.getLogger(program).exception("traceback")
+        fail(program, str(e), e.exit_code)
+    except KeyboardInterrupt:
+        fail(program, "interrupted", ExitCode.FAILED)
+    sys.exit(int(ExitCode.OK))

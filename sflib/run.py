@@ -1,0 +1,124 @@
+"""Every subprocess SnowFlock starts goes through here.
+
+Argument lists only (never a shell string), an explicit environment, stdin from
+/dev/null unless input is given, a timeout that escalates SIGTERM then SIGKILL, and
+stderr captured into the CommandFailed raised on a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from sflib.errors import CommandFailed, OperationTimeout, SystemFailure
+
+log = logging.getLogger(__name__)
+
+KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _prepare(argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+    cmd = [os.fspath(a) for a in argv]
+    log.debug("+ %s", " ".join(cmd))
+    return cmd
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+    check: bool = True,
+    cwd: str | os.PathLike[str] | None = None,
+) -> Completed:
+    """Run a command to completion and return its output.
+
+    Raises CommandFailed (non-zero exit, when check), OperationTimeout, SystemFailure
+    (the program cannot be started).
+    """
+    cmd = _prepare(argv)
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            text=True,
+        )
+    except OSError as e:
+        raise SystemFailure(f"cannot run {cmd[0]}: {e.strerror}") from e
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _terminate(proc)
+        raise OperationTimeout(f"{cmd[0]} did not finish within {timeout:g} s") from None
+    if check and proc.returncode != 0:
+        raise CommandFailed(cmd, proc.returncode, err)
+    return Completed(cmd, proc.returncode, out, err)
+
+
+def _terminate(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+async def run_async(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+) -> Completed:
+    """The asyncio twin of run(), for daemons. Raises as run() does."""
+    cmd = _prepare(argv)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+        )
+    except OSError as e:
+        raise SystemFailure(f"cannot run {cmd[0]}: {e.strerror}") from e
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        await terminate_async(proc)
+        raise OperationTimeout(f"{cmd[0]} did not finish within {timeout:g} s") from None
+    returncode = proc.returncode if proc.returncode is not None else -1
+    if check and returncode != 0:
+        raise CommandFailed(cmd, returncode, err.decode(errors="replace"))
+    return Completed(cmd, returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+async def terminate_async(proc: asyncio.subprocess.Process, grace: float = KILL_GRACE) -> None:
+    """SIGTERM, then SIGKILL after grace seconds; always reaps the process."""
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()

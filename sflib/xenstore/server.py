@@ -1,0 +1,185 @@
+"""asyncio adapter: XenStore connections over byte streams.
+
+Domain 0's clients connect to a Unix socket; a domain's connection is any stream
+(its VM's virtio-serial port) attached with attach(). Each connection has a reader
+task and a writer task joined by a queue, so a client that stops reading only
+stalls itself: it is not read from while `outstanding` replies are unsent, and a
+domain's watch events beyond `events` queued are dropped, as Xen does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from sflib.xenstore.requests import handle
+from sflib.xenstore.store import Event, Store
+from sflib.xenstore.tree import Quotas
+from sflib.xenstore.wire import HEADER, Packet, ProtocolError, decode_header
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    def __init__(
+        self,
+        server: XenStoreServer,
+        domid: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.server = server
+        self.session = server.store.open_session(domid)
+        self.reader = reader
+        self.writer = writer
+        self.queue: asyncio.Queue[Packet] = asyncio.Queue()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.dropped_events = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def domid(self) -> int:
+        return self.session.domid
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name=f"xs-read-{self.session.id}"),
+            asyncio.create_task(self._write_loop(), name=f"xs-write-{self.session.id}"),
+        ]
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        """Drop the connection; what it had not committed is discarded."""
+        self._finish()
+
+    def deliver_event(self, packet: Packet) -> None:
+        if not self.session.privileged and self.queue.qsize() >= self.server.quotas.events:
+            self.dropped_events += 1
+            log.warning("domain %d: watch event dropped, queue full", self.domid)
+            return
+        self._enqueue(packet)
+
+    def _enqueue(self, packet: Packet) -> None:
+        self.queue.put_nowait(packet)
+        if self.queue.qsize() >= self.server.quotas.outstanding and not self.session.privileged:
+            self.room.clear()
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                await self.room.wait()
+                header = await self.reader.readexactly(HEADER.size)
+                op, req_id, tx_id, length = decode_header(header)
+                payload = await self.reader.readexactly(length)
+                self.server.process(self, Packet(op, req_id, tx_id, payload))
+        except asyncio.IncompleteReadError:
+            pass  # the peer went away: the normal end of a connection
+        except ProtocolError as e:
+            log.warning("domain %d: closing connection: %s", self.domid, e)
+        except (ConnectionError, OSError) as e:
+            log.info("domain %d: connection lost: %s", self.domid, e)
+        finally:
+            self._finish()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                packet = await self.queue.get()
+                self.writer.write(packet.encode())
+                await self.writer.drain()
+                if self.queue.qsize() < self.server.quotas.outstanding:
+                    self.room.set()
+        except (ConnectionError, OSError) as e:
+            log.info("domain %d: write failed: %s", self.domid, e)
+            self._finish()
+
+    def _finish(self) -> None:
+        self.server.forget(self)
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        with contextlib.suppress(OSError, RuntimeError):
+            self.writer.close()
+
+
+class XenStoreServer:
+    def __init__(self, quotas: Quotas | None = None) -> None:
+        self.quotas = quotas or Quotas()
+        self.store = Store(self.quotas)
+        self.connections: dict[int, Connection] = {}
+        self._servers: list[asyncio.Server] = []
+
+    async def listen_unix(self, path: Path) -> None:
+        """Serve domain 0 on a Unix socket at path (replacing a stale one)."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        server = await asyncio.start_unix_server(self._accept_dom0, path=os.fspath(path))
+        path.chmod(0o600)
+        self._servers.append(server)
+
+    async def _accept_dom0(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._start(Connection(self, 0, reader, writer))
+
+    def attach(
+        self, domid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Connection:
+        """Bind a stream to domain domid (which becomes introduced)."""
+        conn = Connection(self, domid, reader, writer)
+        self._deliver(self.store.introduce(domid))
+        self._start(conn)
+        return conn
+
+    def clone_domain(
+        self, src: int, dst: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Connection:
+        """Domain dst becomes a copy of src: its subtree, and src's watches on a new stream.
+
+        Raises XenStoreError (ENOENT, EEXIST, EINVAL) and then changes nothing.
+        """
+        conn = Connection(self, dst, reader, writer)
+        try:
+            events = self.store.clone_domain(src, dst, conn.session)
+        except Exception:
+            self.store.close_session(conn.session)
+            raise
+        self._start(conn)
+        self._deliver(events)
+        return conn
+
+    def _start(self, conn: Connection) -> None:
+        self.connections[conn.session.id] = conn
+        conn.start()
+
+    def process(self, conn: Connection, packet: Packet) -> None:
+        outcome = handle(self.store, conn.session, packet)
+        conn._enqueue(outcome.reply)
+        self._deliver(outcome.events)
+        for domid in outcome.released:
+            for other in list(self.connections.values()):
+                if other.domid == domid:
+                    other.close()
+
+    def _deliver(self, events: list[Event]) -> None:
+        for session_id, packet in events:
+            conn = self.connections.get(session_id)
+            if conn is not None:
+                conn.deliver_event(packet)
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.pop(conn.session.id, None)
+        self.store.close_session(conn.session)
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+            await server.wait_closed()
+        conns = list(self.connections.values())
+        for conn in conns:
+            conn.close()
+        await asyncio.gather(*(c.wait_closed() for c in conns))
