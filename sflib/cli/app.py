@@ -23,7 +23,11 @@ DebugOption = Annotated[
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors.")]
 
-_debug = False
+
+class _Settings:
+    """What main() needs to know of the options a command parsed."""
+
+    debug = False
 
 
 def make_app(help_text: str) -> typer.Typer:
@@ -38,8 +42,7 @@ def make_app(help_text: str) -> typer.Typer:
 
 
 def setup_logging(program: str, debug: bool, quiet: bool) -> None:
-    global _debug
-    _debug = debug
+    _Settings.debug = debug
     sflog.setup(program, debug=debug, quiet=quiet)
 
 
@@ -62,7 +65,7 @@ def main(program: str, app: typer.Typer | Callable[..., object]) -> NoReturn:
     except click.exceptions.Abort:
         fail(program, "interrupted", ExitCode.FAILED)
     except SnowFlockError as e:
-        if _debug:
+        if _Settings.debug:
             logging.getLogger(program).exception("traceback")
         fail(program, str(e), e.exit_code)
     except KeyboardInterrupt:

@@ -59,7 +59,7 @@ def join(path: str, child: str) -> str:
 
 def is_within(path: str, top: str) -> bool:
     """True if path is top or lies below it (by whole components)."""
-    return top == "/" or path == top or path.startswith(top + "/")
+    return top in ("/", path) or path.startswith(top + "/")
 
 
 def relative_to_domain(path: str, domid: int) -> str:

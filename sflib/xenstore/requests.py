@@ -40,10 +40,8 @@ Handler = Callable[[Store, Session, Packet], Outcome]
 
 
 def handle(store: Store, session: Session, packet: Packet) -> Outcome:
-    handler = _HANDLERS.get(packet.op)
+    handler = _HANDLERS.get(packet.op, _unknown)
     try:
-        if handler is None:
-            raise XenStoreError(errno.EINVAL, f"unknown message type {packet.op}")
         return handler(store, session, packet)
     except XenStoreError as e:
         return Outcome(error_reply(packet, e))
@@ -194,6 +192,10 @@ def _is_domain_introduced(store: Store, session: Session, packet: Packet) -> Out
 def _reset_watches(store: Store, session: Session, packet: Packet) -> Outcome:
     store.reset_watches(session)
     return Outcome(reply(packet, OK))
+
+
+def _unknown(store: Store, session: Session, packet: Packet) -> Outcome:
+    raise XenStoreError(errno.EINVAL, f"unknown message type {packet.op}")
 
 
 def _unsupported(store: Store, session: Session, packet: Packet) -> Outcome:

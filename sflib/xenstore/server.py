@@ -13,14 +13,21 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+from sflib.xenstore.names import domain_path
+from sflib.xenstore.perms import parse_perms
 from sflib.xenstore.requests import handle
 from sflib.xenstore.store import Event, Store
-from sflib.xenstore.tree import Quotas
+from sflib.xenstore.tree import Quotas, Tree
 from sflib.xenstore.wire import HEADER, Packet, ProtocolError, decode_header
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DOM0_OUTSTANDING = 1024
 
 
 class Connection:
@@ -65,9 +72,14 @@ class Connection:
             return
         self._enqueue(packet)
 
+    @property
+    def outstanding_limit(self) -> int:
+        # Domain 0 is trusted, but its clients' memory is still ours: bound it too.
+        return DOM0_OUTSTANDING if self.session.privileged else self.server.quotas.outstanding
+
     def _enqueue(self, packet: Packet) -> None:
         self.queue.put_nowait(packet)
-        if self.queue.qsize() >= self.server.quotas.outstanding and not self.session.privileged:
+        if self.queue.qsize() >= self.outstanding_limit:
             self.room.clear()
 
     async def _read_loop(self) -> None:
@@ -93,7 +105,7 @@ class Connection:
                 packet = await self.queue.get()
                 self.writer.write(packet.encode())
                 await self.writer.drain()
-                if self.queue.qsize() < self.server.quotas.outstanding:
+                if self.queue.qsize() < self.outstanding_limit:
                     self.room.set()
         except (ConnectionError, OSError) as e:
             log.info("domain %d: write failed: %s", self.domid, e)
@@ -114,6 +126,7 @@ class XenStoreServer:
         self.store = Store(self.quotas)
         self.connections: dict[int, Connection] = {}
         self._servers: list[asyncio.Server] = []
+        self.local = LocalClient(self)
 
     async def listen_unix(self, path: Path) -> None:
         """Serve domain 0 on a Unix socket at path (replacing a stale one)."""
@@ -123,7 +136,9 @@ class XenStoreServer:
         path.chmod(0o600)
         self._servers.append(server)
 
-    async def _accept_dom0(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept_dom0(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self._start(Connection(self, 0, reader, writer))
 
     def attach(
@@ -131,7 +146,7 @@ class XenStoreServer:
     ) -> Connection:
         """Bind a stream to domain domid (which becomes introduced)."""
         conn = Connection(self, domid, reader, writer)
-        self._deliver(self.store.introduce(domid))
+        self.deliver(self.store.introduce(domid))
         self._start(conn)
         return conn
 
@@ -149,7 +164,7 @@ class XenStoreServer:
             self.store.close_session(conn.session)
             raise
         self._start(conn)
-        self._deliver(events)
+        self.deliver(events)
         return conn
 
     def _start(self, conn: Connection) -> None:
@@ -159,13 +174,13 @@ class XenStoreServer:
     def process(self, conn: Connection, packet: Packet) -> None:
         outcome = handle(self.store, conn.session, packet)
         conn._enqueue(outcome.reply)
-        self._deliver(outcome.events)
+        self.deliver(outcome.events)
         for domid in outcome.released:
             for other in list(self.connections.values()):
                 if other.domid == domid:
                     other.close()
 
-    def _deliver(self, events: list[Event]) -> None:
+    def deliver(self, events: list[Event]) -> None:
         for session_id, packet in events:
             conn = self.connections.get(session_id)
             if conn is not None:
@@ -183,3 +198,46 @@ class XenStoreServer:
         for conn in conns:
             conn.close()
         await asyncio.gather(*(c.wait_closed() for c in conns))
+
+
+class LocalClient:
+    """Domain 0's operations from inside the process (sfld), firing watches as usual.
+
+    Raises XenStoreError as a remote client would see it.
+    """
+
+    def __init__(self, server: XenStoreServer) -> None:
+        self.server = server
+        self.session = server.store.open_session(0)
+
+    def _run(self, action: Callable[[Tree], T]) -> T:
+        tree = self.server.store.tree(self.session, 0)
+        result = action(tree)
+        self.server.deliver(self.server.store.fire(tree.changes))
+        return result
+
+    def read(self, path: str) -> bytes:
+        return self._run(lambda t: t.read(path))
+
+    def directory(self, path: str) -> list[str]:
+        return list(self._run(lambda t: t.directory(path)))
+
+    def write(self, path: str, value: bytes) -> None:
+        self._run(lambda t: t.write(path, value))
+
+    def mkdir(self, path: str) -> None:
+        self._run(lambda t: t.mkdir(path))
+
+    def rm(self, path: str) -> None:
+        self._run(lambda t: t.rm(path))
+
+    def set_perms(self, path: str, perms: list[str]) -> None:
+        parsed = parse_perms(perms)
+        self._run(lambda t: t.set_perms(path, parsed))
+
+    def make_domain(self, domid: int) -> str:
+        """Create /local/domain/<domid> owned by that domain; returns its path."""
+        path = domain_path(domid)
+        self.mkdir(path)
+        self.set_perms(path, [f"n{domid}"])
+        return path

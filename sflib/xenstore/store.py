@@ -161,7 +161,9 @@ class Store:
                 shown = watch.path  # a removed ancestor removes the watched node too
             else:
                 continue
-            events.append((session.id, watch_event(self._shown(session, watch, shown), watch.token)))
+            events.append(
+                (session.id, watch_event(self._shown(session, watch, shown), watch.token))
+            )
         return events
 
     @staticmethod

@@ -173,12 +173,16 @@ class Tree:
         self.nodes.set_node(path, node)
         self.changes.append(Change(path, node.perms))
 
-    def _create(self, path: str, value: bytes) -> None:
-        """Create path and any missing ancestors, each inheriting its parent's perms."""
+    def _create(self, path: str, value: bytes, *, implicit: bool = False) -> None:
+        """Create path and any missing ancestors, each inheriting its parent's perms.
+
+        Only path itself fires watches, as in cxenstored: a watch on an ancestor
+        created on the way fires anyway, for path lies below it.
+        """
         parent_path = names.parent(path)
         parent = self.nodes.get(parent_path)
         if parent is None:
-            self._create(parent_path, b"")
+            self._create(parent_path, b"", implicit=True)
             parent = self.nodes.get(parent_path)
             assert parent is not None
         self._check(parent_path, parent, Access.WRITE)
@@ -189,7 +193,9 @@ class Tree:
             perms = (Perm(perms[0].access, self.domid), *perms[1:])
         kids = (*parent.children, names.basename(path))
         self.nodes.set_node(parent_path, replace(parent, children=kids))
-        self._put(path, Node(value, perms))
+        self.nodes.set_node(path, Node(value, perms))
+        if not implicit:
+            self.changes.append(Change(path, perms))
 
     def _remove_subtree(self, path: str, node: Node) -> None:
         for child in node.children:

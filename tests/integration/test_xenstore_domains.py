@@ -1,0 +1,95 @@
+"""Domain connections on arbitrary streams, domain quotas and cloning, in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sflib.xenstore.server import XenStoreServer
+from sflib.xenstore.tree import Quotas
+from tests.xsclient import HDR, AsyncClient, XsError, payload
+
+READ, WATCH, WRITE, MKDIR, SET_PERMS = 2, 4, 11, 12, 14
+
+
+async def stream_pair() -> tuple[
+    tuple[asyncio.StreamReader, asyncio.StreamWriter], AsyncClient, socket.socket
+]:
+    host, guest = socket.socketpair()
+    server_side = await asyncio.open_connection(sock=host)
+    client = AsyncClient(*await asyncio.open_connection(sock=guest))
+    return server_side, client, guest
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[XenStoreServer]:
+    srv = XenStoreServer(Quotas(outstanding=5))
+    yield srv
+    await srv.close()
+
+
+async def domain(srv: XenStoreServer, domid: int) -> AsyncClient:
+    srv.local.make_domain(domid)
+    (reader, writer), client, _ = await stream_pair()
+    srv.attach(domid, reader, writer)
+    return client
+
+
+async def test_domain_uses_relative_paths_and_is_refused_others(server: XenStoreServer) -> None:
+    d5 = await domain(server, 5)
+    await domain(server, 6)
+    assert await d5.call(WRITE, b"data/x\0hello") == b"OK\0"
+    assert await d5.call(READ, payload("data/x")) == b"hello"
+    assert await d5.call(READ, payload("/local/domain/5/data/x")) == b"hello"
+    with pytest.raises(XsError, match="EACCES"):
+        await d5.call(WRITE, b"/local/domain/6/x\0evil")
+    with pytest.raises(XsError, match="EACCES"):
+        await d5.call(WRITE, b"/tool/x\0evil")
+    assert server.store.introduced >= {5, 6}
+
+
+async def test_domain_outstanding_quota_pauses_reading(server: XenStoreServer) -> None:
+    host, guest = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=host)
+    server.local.make_domain(7)
+    conn = server.attach(7, reader, writer)
+    g_reader, g_writer = await asyncio.open_connection(sock=guest)
+    for i in range(200):  # the guest writes requests but reads no replies yet
+        g_writer.write(HDR.pack(READ, i, 0, 3) + b"x/\0")
+    await g_writer.drain()
+    await asyncio.sleep(0.2)
+    assert conn.queue.qsize() <= server.quotas.outstanding + 1
+    replies = 0
+    while replies < 200:  # now it reads: every request is answered, in order
+        _op, req, _tx, length = HDR.unpack(await g_reader.readexactly(16))
+        await g_reader.readexactly(length)
+        assert req == replies
+        replies += 1
+
+
+async def test_clone_inherits_subtree_and_pending_watch(server: XenStoreServer) -> None:
+    parent = await domain(server, 5)
+    await parent.call(WRITE, b"app/state\0loaded-scene")
+    await parent.call(WATCH, payload("snowflock/reply", "clone"))
+    assert await parent.next_event() == (b"snowflock/reply", b"clone")
+    (reader, writer), child, _ = await stream_pair()
+    server.clone_domain(5, 9, reader, writer)
+    assert await child.call(READ, payload("app/state")) == b"loaded-scene"
+    server.local.write("/local/domain/9/snowflock/reply", b"1")
+    assert await child.next_event() == (b"snowflock/reply", b"clone")
+    with pytest.raises(TimeoutError):
+        await parent.next_event(timeout=0.3)
+    with pytest.raises(XsError, match="EACCES"):
+        await child.call(READ, payload("/local/domain/5/app/state"))
+
+
+async def test_clone_to_an_existing_domain_changes_nothing(server: XenStoreServer) -> None:
+    await domain(server, 5)
+    await domain(server, 6)
+    (reader, writer), _child, _ = await stream_pair()
+    with pytest.raises(Exception, match="EEXIST"):
+        server.clone_domain(5, 6, reader, writer)
+    assert [c.domid for c in server.connections.values()].count(6) == 1
