@@ -16,8 +16,8 @@ MAN_SOURCES   := $(wildcard man/*.md)
 MAN_PAGES     := $(patsubst man/%.md,build/man/%,$(MAN_SOURCES))
 EXECUTABLES   := $(notdir $(wildcard bin/*))
 
-.PHONY: all deps deps-debian deps-python man completion demo test test-unit test-bats \
-        test-vm lint bench clean
+.PHONY: all deps deps-debian deps-python man completion demo test test-all test-unit \
+        test-bats test-vm lint bench clean
 
 all: deps man completion
 
@@ -57,7 +57,7 @@ lint: deps-python
 	$(VENV)/bin/ruff check sflib tests bench
 	$(VENV)/bin/ruff format --check sflib tests bench
 	$(VENV)/bin/mypy
-	shellcheck -x .ci/run bin/* tests/bats/*.bash
+	shellcheck -x .ci/run sflib/cli/launcher.sh tests/bats/*.bash completion/bash/*
 	$(PY) -m sflib.cli.completion --check completion/bash $(EXECUTABLES)
 
 test-unit: deps-python
@@ -69,7 +69,10 @@ test-bats: deps man
 test-vm: deps
 	$(PY) -m pytest -m vm -q
 
-test: deps man lint test-unit test-bats test-vm
+test-all: deps
+	$(PY) -m pytest -q
+
+test: deps man lint test-bats test-all
 
 bench: deps
 	$(PY) bench/xenstore_bench.py

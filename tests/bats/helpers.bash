@@ -12,8 +12,7 @@ teardown_tmp() {
 
 # Waits until a path exists (a socket), at most 10 seconds.
 wait_for_path() {
-    local i
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
         [ -e "$1" ] && return 0
         sleep 0.1
     done
