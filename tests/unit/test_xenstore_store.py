@@ -1,6 +1,8 @@
 """The store's logic alone: requests in, replies and events out (no sockets)."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sflib.xenstore.requests import handle
 from sflib.xenstore.store import Store
@@ -277,3 +279,36 @@ def test_clone_domain_copies_subtree_and_watches(store: Store) -> None:
         store.clone_domain(5, 9, clone.session)
     with pytest.raises(Exception, match="ENOENT"):
         store.clone_domain(42, 10, caller(store, 10).session)
+
+
+PATHS = st.sampled_from(["/a", "/a/b", "x", "x/y", "/local/domain/5/q", "/", "@releaseDomain",
+                         "/local/domain/6", "bad//", ""])  # fmt: skip
+ARGS = st.lists(st.one_of(PATHS, st.sampled_from(["T", "F", "0", "5", "n5", "r0", "tok"])),
+                max_size=4)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([*Op, 99]),
+            st.one_of(ARGS.map(lambda a: payload(*a)), st.binary(max_size=64)),
+            st.sampled_from([0, 0, 1, 2, 7]),
+            st.sampled_from([0, 5, 6]),
+        ),
+        max_size=25,
+    )
+)
+def test_fuzz_any_request_sequence_gets_a_reply_and_never_crashes(
+    requests: list[tuple[int, bytes, int, int]],
+) -> None:
+    store = Store(Quotas(nodes=10, watches=3, transactions=2))
+    sessions = {d: store.open_session(d) for d in (0, 5, 6)}
+    for op, data, tx, domid in requests:
+        out = handle(store, sessions[domid], Packet(op, 1, tx, data))
+        assert out.reply.op in (op, Op.ERROR)
+        assert len(out.reply.encode()) <= 16 + 4096
+        for session_id, event in out.events:
+            assert session_id in store.sessions
+            assert event.op == Op.WATCH_EVENT
+    assert store.nodes.get("/") is not None
