@@ -10,16 +10,29 @@
 PYTHON_SYSTEM ?= /usr/bin/python3
 VENV          ?= .venv
 PY            := $(VENV)/bin/python
-DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make pandoc bats shellcheck \
-                   xenstore-utils valgrind
+DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc binutils make pandoc bats shellcheck \
+                   xenstore-utils valgrind qemu-system-x86 busybox-static zstd cpio
 MAN_SOURCES   := $(wildcard man/*.md)
 MAN_PAGES     := $(patsubst man/%.md,build/man/%,$(MAN_SOURCES))
 EXECUTABLES   := $(notdir $(wildcard bin/*))
 
-.PHONY: all deps deps-debian deps-python man completion demo test test-all test-unit \
+.PHONY: all c deps deps-debian deps-python man completion demo test test-all test-unit \
         test-bats test-vm lint bench clean
 
-all: deps man completion
+all: deps man completion c
+
+# C and assembly in c/, built warning-free into build/.
+CFLAGS ?= -O2 -g
+CFLAGS += -Wall -Wextra -Werror -std=gnu11
+C_TARGETS := build/kvm-probe.bin
+
+c: $(C_TARGETS)
+
+# The functional KVM probe: a 64 KiB BIOS image that enters long mode (sflib/vm/accel.py).
+build/kvm-probe.bin: c/kvm-probe.S | deps-debian
+	@mkdir -p build
+	$(CC) -c -o build/kvm-probe.o $<
+	ld -m elf_x86_64 -Ttext=0xffff0000 --oformat binary -o $@ build/kvm-probe.o
 
 deps: deps-debian deps-python
 
@@ -30,7 +43,7 @@ deps-debian:
 	    || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	    echo "+ apt-get install $$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 deps-python: $(VENV)/.installed

@@ -20,3 +20,5 @@ def setup(program: str, *, debug: bool = False, quiet: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # qemu.qmp narrates every connection at INFO; only its warnings concern users.
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if debug else logging.WARNING)

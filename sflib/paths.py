@@ -6,6 +6,7 @@ daemons can run side by side on one machine in tests (Ganeti's pathutils idea).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +41,22 @@ class Paths:
         return self._under("/run/snowflock")
 
     @property
+    def memory_dir(self) -> Path:
+        """Guest RAM files: always on tmpfs, one folder per SF_ROOTDIR."""
+        if self.root == Path("/"):
+            return Path("/dev/shm/snowflock")
+        tag = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:8]
+        return Path(f"/dev/shm/snowflock-{tag}")
+
+    @property
     def xenstored_socket(self) -> Path:
         return self.run_dir / "xenstored.sock"
 
     @property
     def control_socket(self) -> Path:
         return self.run_dir / "sfld.sock"
+
+
+# A checkout keeps what `make` builds (images, the KVM probe) in build/.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BUILD_DIR = PROJECT_ROOT / "build"

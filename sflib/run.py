@@ -8,18 +8,22 @@ stderr captured into the CommandFailed raised on a non-zero exit.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from sflib.errors import CommandFailed, OperationTimeout, SystemFailure
 
 log = logging.getLogger(__name__)
 
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -122,3 +126,37 @@ async def terminate_async(proc: asyncio.subprocess.Process, grace: float = KILL_
     except TimeoutError:
         proc.kill()
         await proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the daemon that started us dies,
+    so a killed sfld never leaves a QEMU behind."""
+    if _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        os._exit(111)
+
+
+async def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    log_file: Path,
+    pass_fds: Sequence[int] = (),
+    env: Mapping[str, str] | None = None,
+) -> asyncio.subprocess.Process:
+    """Start a long-running child (QEMU) with stdout and stderr appended to log_file.
+
+    The child is sent SIGTERM if the calling process dies. Raises SystemFailure.
+    """
+    cmd = _prepare(argv)
+    try:
+        with log_file.open("ab") as out:
+            return await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=tuple(pass_fds),
+                env=dict(env) if env is not None else None,
+                preexec_fn=_die_with_parent,
+            )
+    except OSError as e:
+        raise SystemFailure(f"cannot run {cmd[0]}: {e.strerror}") from e

@@ -1,6 +1,6 @@
 """One module per executable; bin/<name> runs sflib.cli.<module> (see module_of)."""
 
-PROGRAMS = ["sf-xenstored"]
+PROGRAMS = ["sf-image", "sf-vm", "sf-xenstored", "sfld"]
 
 
 def module_of(program: str) -> str:

@@ -85,12 +85,13 @@ def bash_script(program: str, command: click.Command) -> str:
         '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"',
     ]
     if isinstance(command, click.Group):
-        names = " ".join(command.commands)
+        names = "|".join(command.commands)
         out += [
             "    local sub='' i",
             "    for ((i = 1; i < COMP_CWORD; i++)); do",
-            f'        case " {names} " in *" ${{COMP_WORDS[i]}} "*)',
-            "            sub=${COMP_WORDS[i]}; break;;",
+            '        case "${COMP_WORDS[i]}" in',
+            f"            {names})",
+            "                sub=${COMP_WORDS[i]}; break;;",
             "        esac",
             "    done",
             '    case "$sub" in',

@@ -22,10 +22,11 @@ from sflib.xenstore.perms import parse_perms
 from sflib.xenstore.requests import handle
 from sflib.xenstore.store import Event, Store
 from sflib.xenstore.tree import Quotas, Tree
-from sflib.xenstore.wire import HEADER, Packet, ProtocolError, decode_header
+from sflib.xenstore.wire import HEADER, Packet, ProtocolError, XenStoreError, decode_header
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+WatchCallback = Callable[[str, bytes], None]
 
 DOM0_OUTSTANDING = 1024
 
@@ -167,6 +168,15 @@ class XenStoreServer:
         self.deliver(events)
         return conn
 
+    def release_domain(self, domid: int) -> None:
+        """Forget a domain that is gone: close its connections, remove its subtree."""
+        if domid in self.store.introduced:
+            self.deliver(self.store.release(domid))
+        for conn in [c for c in self.connections.values() if c.domid == domid]:
+            conn.close()
+        with contextlib.suppress(XenStoreError):
+            self.local.rm(domain_path(domid))
+
     def _start(self, conn: Connection) -> None:
         self.connections[conn.session.id] = conn
         conn.start()
@@ -185,6 +195,8 @@ class XenStoreServer:
             conn = self.connections.get(session_id)
             if conn is not None:
                 conn.deliver_event(packet)
+            elif session_id == self.local.session.id:
+                self.local.dispatch(packet)
 
     def forget(self, conn: Connection) -> None:
         self.connections.pop(conn.session.id, None)
@@ -209,6 +221,22 @@ class LocalClient:
     def __init__(self, server: XenStoreServer) -> None:
         self.server = server
         self.session = server.store.open_session(0)
+        self.callbacks: dict[bytes, WatchCallback] = {}
+
+    def watch(self, path: str, token: bytes, callback: WatchCallback) -> None:
+        """Call callback(path, token) on every event, starting with the initial one."""
+        self.callbacks[token] = callback
+        self.server.deliver(self.server.store.watch(self.session, path, token))
+
+    def unwatch(self, path: str, token: bytes) -> None:
+        self.server.store.unwatch(self.session, path, token)
+        self.callbacks.pop(token, None)
+
+    def dispatch(self, event: Packet) -> None:
+        path, token, _ = event.payload.split(b"\0")
+        callback = self.callbacks.get(token)
+        if callback is not None:
+            callback(path.decode(), token)
 
     def _run(self, action: Callable[[Tree], T]) -> T:
         tree = self.server.store.tree(self.session, 0)

@@ -93,3 +93,16 @@ async def test_clone_to_an_existing_domain_changes_nothing(server: XenStoreServe
     with pytest.raises(Exception, match="EEXIST"):
         server.clone_domain(5, 6, reader, writer)
     assert [c.domid for c in server.connections.values()].count(6) == 1
+
+
+async def test_local_client_watch_calls_back(server: XenStoreServer) -> None:
+    seen: list[tuple[str, bytes]] = []
+    server.local.watch("/local/domain", b"mine", lambda p, t: seen.append((p, t)))
+    d5 = await domain(server, 5)
+    await d5.call(WRITE, b"snowflock/ready\0" + b"1")
+    assert ("/local/domain/5/snowflock/ready", b"mine") in seen
+    assert seen[0] == ("/local/domain", b"mine")
+    server.local.unwatch("/local/domain", b"mine")
+    seen.clear()
+    await d5.call(WRITE, b"snowflock/ready\0" + b"2")
+    assert seen == []

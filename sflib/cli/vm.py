@@ -1,0 +1,151 @@
+"""sf-vm: start, list, watch and stop the VMs of the local sfld."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sflib.cli.app import DebugOption, QuietOption, main, make_app, setup_logging
+from sflib.errors import NotFoundError
+from sflib.paths import Paths
+from sflib.sfld.control import ControlClient
+
+PROGRAM = "sf-vm"
+app = make_app("Start, list, watch and stop the VMs of the local sfld.")
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+NameArg = Annotated[str, typer.Argument(help="The VM's name.")]
+
+
+class _Context:
+    client: ControlClient
+
+
+@app.callback()
+def options(
+    socket: Annotated[
+        Path | None,
+        typer.Option(
+            "--socket",
+            "-s",
+            envvar="SF_SFLD_SOCKET",
+            help="sfld's control socket [default: $SF_ROOTDIR/run/snowflock/sfld.sock].",
+        ),
+    ] = None,
+    debug: DebugOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Start, list, watch and stop the VMs of the local sfld."""
+    setup_logging(PROGRAM, debug, quiet)
+    _Context.client = ControlClient(socket or Paths.from_env().control_socket)
+
+
+def _print(result: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(result, indent=2) if as_json else text)
+
+
+@app.command()
+def run(
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Name [default: vmN].")] = None,
+    memory: Annotated[int | None, typer.Option("--memory", "-m", help="RAM in MiB.")] = None,
+    vcpus: Annotated[int | None, typer.Option("--vcpus", help="Number of vCPUs.")] = None,
+    image: Annotated[
+        Path | None, typer.Option("--image", help="Image folder [default: sfld's image_dir].")
+    ] = None,
+    append: Annotated[str, typer.Option("--append", help="Extra kernel command line.")] = "",
+    wait_ready: Annotated[
+        bool, typer.Option("--wait-ready", help="Return once the guest is ready.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds --wait-ready waits.", min=0.1)
+    ] = 300.0,
+    show_command: Annotated[
+        bool, typer.Option("--show-command", help="Print the QEMU command line; start nothing.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Boot a VM; print its name (or, with --json, its description)."""
+    args = {"name": name, "memory_mib": memory, "vcpus": vcpus, "append": append,
+            "image": str(image.absolute()) if image else None}  # fmt: skip
+    args = {k: v for k, v in args.items() if v is not None}
+    client = _Context.client
+    if show_command:
+        print(client.call("vm.command", **args))
+        return
+    info = client.call("vm.run", **args)
+    if wait_ready:
+        info = client.call("vm.wait_ready", name=info["name"], timeout=timeout)
+    _print(info, as_json, info["name"])
+
+
+@app.command("ls")
+def list_vms(as_json: JsonOption = False) -> None:
+    """List the running VMs."""
+    vms = _Context.client.call("vm.list")
+    if as_json:
+        print(json.dumps(vms, indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "DOMID", "STATE", "ACCEL", "MEMORY", "VCPUS", "PID", "UPTIME"):
+        table.add_column(column)
+    for vm in vms:
+        table.add_row(vm["name"], str(vm["domid"]), vm["state"], vm["accel"],
+                      f"{vm['memory_mib']} MiB", str(vm["vcpus"]), str(vm["pid"]),
+                      f"{vm['uptime_s']:.0f} s")  # fmt: skip
+    Console(width=200).print(table)
+
+
+@app.command()
+def logs(
+    name: NameArg,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new output.")
+    ] = False,
+) -> None:
+    """Print a VM's serial console output."""
+    client = _Context.client
+    path = Path(client.call("vm.info", name=name)["console_log"])
+    with path.open("rb") as console:
+        while True:
+            chunk = console.read(65536)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                continue
+            if not follow or not _alive(client, name):
+                return
+            time.sleep(0.2)
+
+
+def _alive(client: ControlClient, name: str) -> bool:
+    try:
+        client.call("vm.info", name=name)
+    except NotFoundError:
+        return False
+    return True
+
+
+@app.command()
+def stop(
+    names: Annotated[list[str], typer.Argument(help="VMs to stop.")], as_json: JsonOption = False
+) -> None:
+    """Stop VMs and remove their files."""
+    stopped = [_Context.client.call("vm.stop", name=name) for name in names]
+    _print(stopped, as_json, "\n".join(vm["name"] for vm in stopped))
+
+
+@app.command()
+def status(as_json: JsonOption = False) -> None:
+    """Show sfld's version, accelerator and VM count."""
+    info = _Context.client.call("status")
+    _print(info, as_json, "\n".join(f"{k}: {v}" for k, v in info.items()))
+
+
+if __name__ == "__main__":
+    main(PROGRAM, app)

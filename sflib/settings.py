@@ -1,0 +1,129 @@
+"""One table of settings feeding sfld's command-line options, TOML keys,
+environment variables, completion and the man page.
+
+Precedence: defaults < config file < environment (SF_<KEY>) < command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sflib.errors import UsageError
+from sflib.paths import BUILD_DIR, Paths
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # TOML key under [sfld]; option --key-with-dashes; variable SF_KEY
+    type: type
+    default: Callable[[Paths], Any]
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def option(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "SF_" + self.key.upper()
+
+    def parse(self, value: object, origin: str) -> Any:
+        """value converted to this setting's type. Raises UsageError naming origin."""
+        try:
+            if self.type is bool and isinstance(value, str):
+                result: Any = _parse_bool(value)
+            elif self.type is Path:
+                result = Path(str(value))
+            else:
+                result = self.type(value)
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"{origin}: {self.key} must be a {self.type.__name__}, not {value!r}"
+            ) from None
+        if self.choices and result not in self.choices:
+            raise UsageError(f"{origin}: {self.key} must be one of {', '.join(self.choices)}")
+        if self.type in (int, float) and result <= 0:
+            raise UsageError(f"{origin}: {self.key} must be positive")
+        return result
+
+
+# fmt: off
+def _parse_bool(text: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if text.lower() not in words:
+        raise ValueError(text)
+    return words[text.lower()]
+
+
+SFLD_SETTINGS: tuple[Setting, ...] = (
+    Setting("state_dir", Path, lambda p: p.state_dir, "Where sfld keeps its state."),
+    Setting("run_dir", Path, lambda p: p.run_dir, "Where sfld puts its sockets."),
+    Setting("memory_dir", Path, lambda p: p.memory_dir, "tmpfs folder for guest RAM files."),
+    Setting("image_dir", Path, lambda p: BUILD_DIR / "image",
+            "The guest image (vmlinuz, initrd.img) VMs boot by default."),
+    Setting("qemu", str, lambda p: "qemu-system-x86_64", "The QEMU program."),
+    Setting("accel", str, lambda p: "auto", "Accelerator: auto probes KVM, else TCG.",
+            ("auto", "kvm", "tcg")),
+    Setting("memory", int, lambda p: 256, "Default guest RAM in MiB."),
+    Setting("vcpus", int, lambda p: 1, "Default number of vCPUs."),
+    Setting("max_vms", int, lambda p: 32, "Most VMs this host runs at once."),
+    Setting("ready_timeout", float, lambda p: 300.0,
+            "Seconds a VM may take from start to ready before it is stopped."),
+)
+# fmt: on
+
+
+def resolve(
+    settings: tuple[Setting, ...],
+    paths: Paths,
+    config_file: Path | None,
+    cli: Mapping[str, object],
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Every setting's value. An explicit config_file must exist; the default need not."""
+    env = os.environ if environ is None else environ
+    values = {s.key: s.default(paths) for s in settings}
+    values.update(_from_file(settings, config_file or paths.config_file, config_file is not None))
+    for s in settings:
+        if s.env in env:
+            values[s.key] = s.parse(env[s.env], f"${s.env}")
+        if cli.get(s.key) is not None:
+            values[s.key] = s.parse(cli[s.key], s.option)
+    return values
+
+
+def _from_file(settings: tuple[Setting, ...], path: Path, required: bool) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        if required:
+            raise UsageError(f"config file {path} does not exist") from None
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"{path}: {e}") from e
+    table = data.get("sfld", {})
+    unknown = set(data) - {"sfld"} | set(table) - {s.key for s in settings}
+    if unknown:
+        raise UsageError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
+    by_key = {s.key: s for s in settings}
+    return {k: by_key[k].parse(v, str(path)) for k, v in table.items()}
+
+
+def to_toml(settings: tuple[Setting, ...], values: Mapping[str, Any]) -> str:
+    """The effective configuration as a config file would say it."""
+    return "[sfld]\n" + "".join(f"{s.key} = {_toml_value(values[s.key])}\n" for s in settings)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(str(value))  # a TOML basic string is a JSON string

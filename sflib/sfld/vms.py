@@ -1,0 +1,295 @@
+"""The VMs one sfld runs: naming, domain IDs, files, readiness, and clean-up,
+including what a previous sfld left behind when it died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sflib.errors import NotFoundError, OperationTimeout, UsageError, WrongStateError
+from sflib.vm.accel import Accel
+from sflib.vm.machine import Machine
+from sflib.vm.qemu import VMFiles, VMSpec
+from sflib.vm.ready import READY_KEY
+from sflib.xenstore.server import XenStoreServer
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+MAX_DOMID = 0x7FEF  # Xen's DOMID_FIRST_RESERVED - 1
+
+
+class VMState(StrEnum):
+    BOOTING = "booting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True)
+class VMRequest:
+    name: str | None = None
+    memory_mib: int | None = None
+    vcpus: int | None = None
+    image: str | None = None
+    append: str = ""
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> VMRequest:
+        unknown = set(args) - {"name", "memory_mib", "vcpus", "image", "append"}
+        if unknown:
+            raise UsageError(f"unknown argument(s): {', '.join(sorted(unknown))}")
+        return cls(**args)
+
+
+@dataclass
+class VM:
+    machine: Machine
+    image: Path
+    state: VMState = VMState.BOOTING
+    started: float = field(default_factory=time.time)
+    boot_to_ready: float | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    supervisor: asyncio.Task[None] | None = None
+
+    def info(self) -> dict[str, Any]:
+        spec = self.machine.spec
+        return {
+            "name": spec.name,
+            "domid": spec.domid,
+            "state": str(self.state),
+            "accel": str(spec.accel),
+            "memory_mib": spec.memory_mib,
+            "vcpus": spec.vcpus,
+            "pid": self.machine.pid,
+            "image": str(self.image),
+            "uptime_s": round(time.time() - self.started, 3),
+            "boot_to_ready_s": self.boot_to_ready,
+            "console_log": str(self.machine.files.console_log),
+        }
+
+
+def next_domid(used: set[int]) -> int:
+    """The lowest free domain ID (0 is the host)."""
+    for domid in range(1, MAX_DOMID + 1):
+        if domid not in used:
+            return domid
+    raise WrongStateError("no free domain ID")
+
+
+def check_name(name: str) -> str:
+    if not NAME.match(name):
+        raise UsageError(f"invalid VM name {name!r}", hint="use [a-z0-9_-], at most 32")
+    return name
+
+
+class VMTable:
+    def __init__(self, settings: dict[str, Any], bus: XenStoreServer, accel: Accel) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.accel = accel
+        self.vms: dict[str, VM] = {}
+        self.state_dir = Path(settings["state_dir"]) / "vms"
+        self.run_dir = Path(settings["run_dir"])
+        self.memory_dir = Path(settings["memory_dir"])
+
+    def prepare(self) -> None:
+        for d in (self.state_dir, self.run_dir, self.memory_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # Planning (no side effects) ---------------------------------------------------
+
+    def plan(self, req: VMRequest) -> tuple[VMSpec, VMFiles, Path]:
+        """What a request would start. Raises UsageError, WrongStateError."""
+        if len(self.vms) >= self.settings["max_vms"]:
+            raise WrongStateError(f"this host already runs {len(self.vms)} VMs (max_vms)")
+        domid = next_domid({vm.machine.spec.domid for vm in self.vms.values()})
+        name = check_name(req.name or f"vm{domid}")
+        if name in self.vms:
+            raise WrongStateError(f"a VM named {name} is already running")
+        image = Path(req.image or self.settings["image_dir"])
+        kernel, initrd = image / "vmlinuz", image / "initrd.img"
+        if not kernel.is_file() or not initrd.is_file():
+            raise UsageError(f"no guest image in {image}", hint="build one with sf-image build")
+        spec = VMSpec(
+            name=name,
+            domid=domid,
+            memory_mib=req.memory_mib or self.settings["memory"],
+            vcpus=req.vcpus or self.settings["vcpus"],
+            accel=self.accel,
+            kernel=kernel,
+            initrd=initrd,
+            append=req.append,
+        )
+        if spec.memory_mib < 64 or spec.vcpus < 1:
+            raise UsageError("a VM needs at least 64 MiB and 1 vCPU")
+        return spec, self.files(name), image
+
+    def files(self, name: str) -> VMFiles:
+        vm_dir = self.state_dir / name
+        return VMFiles(
+            memory=self.memory_dir / f"{name}.mem",
+            qmp_socket=self.run_dir / f"{name}.qmp",
+            xenbus_socket=self.run_dir / f"{name}.xenbus",
+            console_log=vm_dir / "console.log",
+            extra={"qemu_log": vm_dir / "qemu.log", "record": vm_dir / "vm.json"},
+        )
+
+    # Running ------------------------------------------------------------------
+
+    async def run(self, req: VMRequest) -> VM:
+        spec, files, image = self.plan(req)
+        files.console_log.parent.mkdir(parents=True, exist_ok=True)
+        machine = Machine(self.settings["qemu"], spec, files, self.bus, files.extra["qemu_log"])
+        vm = VM(machine, image)
+        self.vms[spec.name] = vm
+        self.bus.local.make_domain(spec.domid)
+        ready_path = f"/local/domain/{spec.domid}/{READY_KEY.decode()}"
+        self.bus.local.watch(ready_path, spec.name.encode(), lambda _p, _t: self._check_ready(vm))
+        try:
+            await machine.start()
+        except BaseException:
+            await self._forget(vm)
+            raise
+        self._write_record(vm)
+        vm.supervisor = asyncio.create_task(self._supervise(vm), name=f"vm-{spec.name}")
+        log.info(
+            "VM %s (domain %d) started: %s, %d MiB, %d vCPU",
+            spec.name,
+            spec.domid,
+            spec.accel,
+            spec.memory_mib,
+            spec.vcpus,
+        )
+        return vm
+
+    def _check_ready(self, vm: VM) -> None:
+        path = f"/local/domain/{vm.machine.spec.domid}/{READY_KEY.decode()}"
+        with contextlib.suppress(Exception):
+            self.bus.local.read(path)
+            if vm.state == VMState.BOOTING:
+                vm.state = VMState.READY
+                vm.boot_to_ready = round(time.time() - vm.started, 3)
+                vm.ready.set()
+                log.info("VM %s ready after %.2f s", vm.machine.spec.name, vm.boot_to_ready)
+
+    async def _supervise(self, vm: VM) -> None:
+        """Stop a VM that is not ready in time; clean up whenever QEMU exits."""
+        wait = asyncio.ensure_future(vm.machine.wait())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(vm.ready.wait(), self.settings["ready_timeout"])
+        if not vm.ready.is_set() and vm.machine.running:
+            log.warning(
+                "VM %s not ready in %g s: stopping it",
+                vm.machine.spec.name,
+                self.settings["ready_timeout"],
+            )
+            await vm.machine.stop()
+        status = await wait
+        if vm.state != VMState.STOPPING:
+            log.warning("VM %s exited with status %d", vm.machine.spec.name, status)
+        await self._forget(vm)
+
+    async def wait_ready(self, name: str, timeout: float) -> VM:
+        vm = self.get(name)
+        ready = asyncio.ensure_future(vm.ready.wait())
+        ended = asyncio.ensure_future(vm.ended.wait())
+        done, pending = await asyncio.wait(
+            {ready, ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        if vm.ready.is_set():
+            return vm
+        if ended in done:
+            raise WrongStateError(
+                f"VM {name} stopped before it was ready: {vm.machine.qemu_error()}"
+            )
+        raise OperationTimeout(f"VM {name} not ready within {timeout:g} s")
+
+    def get(self, name: str) -> VM:
+        if name not in self.vms:
+            raise NotFoundError(f"no VM named {name}")
+        return self.vms[name]
+
+    async def stop(self, name: str) -> VM:
+        vm = self.get(name)
+        vm.state = VMState.STOPPING
+        await vm.machine.stop()
+        await vm.ended.wait()
+        log.info("VM %s stopped", name)
+        return vm
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.stop(n) for n in list(self.vms)), return_exceptions=True)
+
+    async def _forget(self, vm: VM) -> None:
+        spec = vm.machine.spec
+        if self.vms.get(spec.name) is vm:
+            del self.vms[spec.name]
+        await vm.machine.stop()
+        with contextlib.suppress(Exception):
+            self.bus.local.unwatch(
+                f"/local/domain/{spec.domid}/{READY_KEY.decode()}", spec.name.encode()
+            )
+        self.bus.release_domain(spec.domid)
+        shutil.rmtree(vm.machine.files.console_log.parent, ignore_errors=True)
+        vm.ended.set()
+
+    def _write_record(self, vm: VM) -> None:
+        record = vm.machine.files.extra["record"]
+        files = vm.machine.files
+        data = {
+            "pid": vm.machine.pid,
+            "name": vm.machine.spec.name,
+            "files": [str(files.memory), str(files.qmp_socket), str(files.xenbus_socket)],
+        }
+        record.write_text(json.dumps(data))
+
+    # What a previous sfld left ---------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Stop the QEMUs and remove the files of VMs a dead sfld left behind."""
+        cleaned = []
+        for record in sorted(self.state_dir.glob("*/vm.json")):
+            cleaned.append(record.parent.name)
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                data = json.loads(record.read_text())
+                _kill_leftover(int(data["pid"]), data["name"])
+                for path in data["files"]:
+                    Path(path).unlink(missing_ok=True)
+            shutil.rmtree(record.parent, ignore_errors=True)
+        for leftover in self.state_dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        for pattern, folder in (
+            ("*.mem", self.memory_dir),
+            ("*.qmp", self.run_dir),
+            ("*.xenbus", self.run_dir),
+        ):
+            for path in folder.glob(pattern):
+                path.unlink(missing_ok=True)
+        for name in cleaned:
+            log.warning("cleaned up VM %s left by a previous sfld", name)
+        return cleaned
+
+
+def _kill_leftover(pid: int, name: str) -> None:
+    """SIGKILL pid if it still is the QEMU of VM name (pids get reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if b"qemu" in os.path.basename(cmdline[0]) and f"{name},debug-threads=on".encode() in cmdline:
+        os.kill(pid, signal.SIGKILL)

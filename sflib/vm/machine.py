@@ -1,0 +1,159 @@
+"""A running VM as a managed object: its QEMU process, QMP, XenStore channel, files.
+
+start() creates the sockets QEMU connects to before starting it (no start-up race),
+waits for QMP, and on any failure cleans up. stop() asks politely (QMP quit), then
+by force, and always removes the runtime files and the memory file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+
+from sflib import run
+from sflib.errors import OperationTimeout, SystemFailure
+from sflib.vm.qemu import VMFiles, VMSpec, qemu_argv
+from sflib.xenstore.server import Connection, XenStoreServer
+
+log = logging.getLogger(__name__)
+
+QMP_TIMEOUT = 30.0
+
+
+class Machine:
+    def __init__(
+        self, qemu: str, spec: VMSpec, files: VMFiles, bus: XenStoreServer, qemu_log: Path
+    ) -> None:
+        self.qemu = qemu
+        self.spec = spec
+        self.files = files
+        self.bus = bus
+        self.qemu_log = qemu_log
+        self.log = log.getChild(spec.name)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.qmp = QMPClient(spec.name)
+        self.channel: Connection | None = None
+        self._xenbus_server: asyncio.Server | None = None
+        self._stop_lock = asyncio.Lock()
+        self._stopped = False
+
+    @property
+    def argv(self) -> list[str]:
+        return qemu_argv(self.qemu, self.spec, self.files)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        """Start QEMU and connect QMP. Raises SystemFailure or OperationTimeout."""
+        try:
+            await self._listen()
+            self.proc = await run.spawn(self.argv, log_file=self.qemu_log)
+            self.log.info("started QEMU, pid %d", self.proc.pid)
+            await self._accept_qmp()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _listen(self) -> None:
+        for sock in (self.files.qmp_socket, self.files.xenbus_socket):
+            sock.parent.mkdir(parents=True, exist_ok=True)
+            sock.unlink(missing_ok=True)
+        self._xenbus_server = await asyncio.start_unix_server(
+            self._on_xenbus, path=str(self.files.xenbus_socket)
+        )
+        await self.qmp.start_server(str(self.files.qmp_socket))
+
+    async def _on_xenbus(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.channel is not None:  # QEMU reconnected: the new stream replaces the old
+            self.channel.close()
+        self.channel = self.bus.attach(self.spec.domid, reader, writer)
+
+    async def _accept_qmp(self) -> None:
+        assert self.proc is not None
+        accept = asyncio.ensure_future(self.qmp.accept())
+        exited = asyncio.ensure_future(self.proc.wait())
+        done, _ = await asyncio.wait(
+            {accept, exited}, timeout=QMP_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        if accept not in done:
+            accept.cancel()
+            exited.cancel()
+            if exited in done:
+                raise SystemFailure(
+                    f"QEMU exited with status {self.proc.returncode}: {self.qemu_error()}"
+                )
+            raise OperationTimeout(f"QEMU did not connect to QMP within {QMP_TIMEOUT:g} s")
+        exited.cancel()
+        accept.result()
+
+    def qemu_error(self) -> str:
+        """The last line QEMU wrote to its log, for error messages."""
+        try:
+            lines = self.qemu_log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return lines[-1] if lines else "no message"
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """A QMP command. Raises SystemFailure with QEMU's own message."""
+        try:
+            return await self.qmp.execute(command, arguments)
+        except QMPError as e:
+            raise SystemFailure(f"QMP {command} failed: {e}") from e
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        return await self.proc.wait()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop QEMU (QMP quit, then SIGTERM, then SIGKILL) and remove every file.
+
+        Safe to call again, also while a first call is under way.
+        """
+        async with self._stop_lock:
+            if not self._stopped:
+                await self._stop(grace)
+                self._stopped = True
+
+    async def _stop(self, grace: float) -> None:
+        if self.running:
+            with contextlib.suppress(QMPError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.qmp.execute("quit"), 2.0)
+            assert self.proc is not None
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace)
+            except TimeoutError:
+                self.log.warning("QEMU ignored quit; terminating it")
+                await run.terminate_async(self.proc)
+        await self._close_channels()
+        self._remove_files()
+
+    async def _close_channels(self) -> None:
+        # disconnect() re-raises the EOF of a QEMU that already quit: expected here.
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self.qmp.disconnect()
+        if self._xenbus_server is not None:
+            self._xenbus_server.close()
+            await self._xenbus_server.wait_closed()
+        if self.channel is not None:
+            self.channel.close()
+
+    def _remove_files(self) -> None:
+        for path in (
+            self.files.qmp_socket,
+            self.files.xenbus_socket,
+            self.files.memory,
+            *self.files.extra.values(),
+        ):
+            path.unlink(missing_ok=True)

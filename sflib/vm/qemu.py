@@ -1,0 +1,95 @@
+"""QEMU's command line for a SnowFlock VM, from small pure functions.
+
+The guest's RAM is a file on tmpfs (DESIGN §2 step 1): shared with the file while
+the VM runs, so a checkpoint can freeze it; a clone maps a frozen file privately
+(share=off), copy-on-write. QEMU is the client of two Unix sockets that sfld
+listens on before starting it: QMP, and the XenStore channel (a virtio-serial
+port). A guest write made before the host end is connected would be lost, so
+QEMU never listens there; reconnect=1 lets a restarted sfld take the sockets over.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sflib.vm.accel import Accel
+
+XENBUS_PORT = "org.snowflock.xenbus"
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    name: str
+    domid: int
+    memory_mib: int
+    vcpus: int
+    accel: Accel
+    kernel: Path
+    initrd: Path
+    append: str = ""  # extra kernel command line
+    incoming: str | None = None  # "defer" for a VM restored from a descriptor
+    share_memory: bool = True  # False: a private copy-on-write mapping (a clone)
+
+
+@dataclass(frozen=True)
+class VMFiles:
+    """Where one VM's runtime files live."""
+
+    memory: Path
+    qmp_socket: Path
+    xenbus_socket: Path
+    console_log: Path
+    extra: dict[str, Path] = field(default_factory=dict)
+
+
+def kernel_cmdline(spec: VMSpec) -> str:
+    return " ".join(filter(None, ["console=ttyS0", "panic=-1", f"sf.domid={spec.domid}",
+                                  spec.append]))  # fmt: skip
+
+
+def machine_args(spec: VMSpec, files: VMFiles) -> list[str]:
+    size = f"{spec.memory_mib}M"
+    share = "on" if spec.share_memory else "off"
+    cpu = "host" if spec.accel == Accel.KVM else "max"
+    return [
+        "-name", f"{spec.name},debug-threads=on",
+        "-machine", "q35,memory-backend=ram",
+        "-accel", str(spec.accel),
+        "-cpu", cpu,
+        "-smp", str(spec.vcpus),
+        "-m", size,
+        "-object", f"memory-backend-file,id=ram,size={size},mem-path={files.memory},share={share}",
+        "-nodefaults", "-no-user-config", "-display", "none",
+    ]  # fmt: skip
+
+
+def device_args(files: VMFiles) -> list[str]:
+    return [
+        "-chardev", f"file,id=console,path={files.console_log},append=on",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,path={files.qmp_socket},reconnect=1",
+        "-mon", "chardev=qmp,mode=control",
+        "-device", "virtio-serial-pci,id=vser",
+        "-chardev", f"socket,id=xenbus,path={files.xenbus_socket},reconnect=1",
+        "-device", f"virtserialport,bus=vser.0,chardev=xenbus,name={XENBUS_PORT}",
+        "-device", "virtio-balloon-pci,id=balloon",
+    ]  # fmt: skip
+
+
+def boot_args(spec: VMSpec) -> list[str]:
+    args = ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd),
+            "-append", kernel_cmdline(spec)]  # fmt: skip
+    if spec.incoming:
+        args += ["-incoming", spec.incoming]
+    return args
+
+
+def qemu_argv(qemu: str, spec: VMSpec, files: VMFiles) -> list[str]:
+    return [qemu, *machine_args(spec, files), *device_args(files), *boot_args(spec)]
+
+
+def show(argv: list[str]) -> str:
+    """The command line as a shell would take it (for --show-command)."""
+    return shlex.join(argv)
