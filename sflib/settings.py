@@ -44,9 +44,8 @@ class Setting:
             else:
                 result = self.type(value)
         except (TypeError, ValueError):
-            raise UsageError(
-                f"{origin}: {self.key} must be a {self.type.__name__}, not {value!r}"
-            ) from None
+            kind = _KINDS.get(self.type, self.type.__name__)
+            raise UsageError(f"{origin}: {self.key} must be {kind}, not {value!r}") from None
         if self.choices and result not in self.choices:
             raise UsageError(f"{origin}: {self.key} must be one of {', '.join(self.choices)}")
         if self.type in (int, float) and result <= 0:
@@ -55,6 +54,10 @@ class Setting:
 
 
 # fmt: off
+_KINDS = {int: "an integer", float: "a number", str: "a string", Path: "a path",
+          bool: "true or false"}  # fmt: skip
+
+
 def _parse_bool(text: str) -> bool:
     words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
     if text.lower() not in words:
@@ -66,16 +69,29 @@ SFLD_SETTINGS: tuple[Setting, ...] = (
     Setting("state_dir", Path, lambda p: p.state_dir, "Where sfld keeps its state."),
     Setting("run_dir", Path, lambda p: p.run_dir, "Where sfld puts its sockets."),
     Setting("memory_dir", Path, lambda p: p.memory_dir, "tmpfs folder for guest RAM files."),
-    Setting("image_dir", Path, lambda p: BUILD_DIR / "image",
-            "The guest image (vmlinuz, initrd.img) VMs boot by default."),
+    Setting(
+        "image_dir",
+        Path,
+        lambda p: BUILD_DIR / "image",
+        "The guest image (vmlinuz, initrd.img) VMs boot by default.",
+    ),
     Setting("qemu", str, lambda p: "qemu-system-x86_64", "The QEMU program."),
-    Setting("accel", str, lambda p: "auto", "Accelerator: auto probes KVM, else TCG.",
-            ("auto", "kvm", "tcg")),
+    Setting(
+        "accel",
+        str,
+        lambda p: "auto",
+        "Accelerator: auto probes KVM, else TCG.",
+        ("auto", "kvm", "tcg"),
+    ),
     Setting("memory", int, lambda p: 256, "Default guest RAM in MiB."),
     Setting("vcpus", int, lambda p: 1, "Default number of vCPUs."),
     Setting("max_vms", int, lambda p: 32, "Most VMs this host runs at once."),
-    Setting("ready_timeout", float, lambda p: 300.0,
-            "Seconds a VM may take from start to ready before it is stopped."),
+    Setting(
+        "ready_timeout",
+        float,
+        lambda p: 300.0,
+        "Seconds a VM may take from start to ready before it is stopped.",
+    ),
 )
 # fmt: on
 

@@ -27,6 +27,7 @@ from sflib.image import packages, pydists, rootfs
 from sflib.image.initramfs import CpioWriter, compress, count_entries
 from sflib.image.modules import GUEST_MODULES
 from sflib.image.packages import Package
+from sflib.paths import BUILD_DIR, PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,18 @@ KERNEL_FILE = "vmlinuz"
 INITRD_FILE = "initrd.img"
 MANIFEST_FILE = "manifest.json"
 SFLIB_DIR = Path(sflib.__file__).resolve().parent
-PROJECT_DIR = SFLIB_DIR.parent
 
 
 def default_out() -> Path:
-    return PROJECT_DIR / "build/image"
+    return BUILD_DIR / "image"
 
 
 def default_cache() -> Path:
-    return PROJECT_DIR / "build/cache/debs"
+    return BUILD_DIR / "cache/debs"
 
 
 def default_hooks() -> Path:
-    return PROJECT_DIR / "hooks.d"
+    return PROJECT_ROOT / "hooks.d"
 
 
 class Reporter(Protocol):

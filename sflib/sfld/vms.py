@@ -24,6 +24,7 @@ from sflib.vm.machine import Machine
 from sflib.vm.qemu import VMFiles, VMSpec
 from sflib.vm.ready import READY_KEY
 from sflib.xenstore.server import XenStoreServer
+from sflib.xenstore.wire import XenStoreError
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,18 @@ def next_domid(used: set[int]) -> int:
     raise WrongStateError("no free domain ID")
 
 
+def minimum_memory_mib(image: Path) -> int:
+    """The least RAM that boots image: the kernel unpacks the initramfs (the whole root
+    file system) into RAM while the compressed archive is still there, and then needs
+    room to run. Below it the guest boots with files missing."""
+    try:
+        rootfs = int(json.loads((image / "manifest.json").read_text())["rootfs_size"])
+    except (OSError, ValueError, KeyError):
+        rootfs = 0
+    initrd = (image / "initrd.img").stat().st_size
+    return (rootfs + 2 * initrd >> 20) + 128
+
+
 def check_name(name: str) -> str:
     if not NAME.match(name):
         raise UsageError(f"invalid VM name {name!r}", hint="use [a-z0-9_-], at most 32")
@@ -133,8 +146,10 @@ class VMTable:
             initrd=initrd,
             append=req.append,
         )
-        if spec.memory_mib < 64 or spec.vcpus < 1:
-            raise UsageError("a VM needs at least 64 MiB and 1 vCPU")
+        needed = minimum_memory_mib(image)
+        if spec.memory_mib < needed:
+            raise UsageError(f"{spec.memory_mib} MiB is too little for the image in {image}",
+                             hint=f"give it at least {needed} MiB")  # fmt: skip
         return spec, self.files(name), image
 
     def files(self, name: str) -> VMFiles:
@@ -177,7 +192,7 @@ class VMTable:
 
     def _check_ready(self, vm: VM) -> None:
         path = f"/local/domain/{vm.machine.spec.domid}/{READY_KEY.decode()}"
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(XenStoreError):
             self.bus.local.read(path)
             if vm.state == VMState.BOOTING:
                 vm.state = VMState.READY
@@ -240,7 +255,7 @@ class VMTable:
         if self.vms.get(spec.name) is vm:
             del self.vms[spec.name]
         await vm.machine.stop()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(XenStoreError):
             self.bus.local.unwatch(
                 f"/local/domain/{spec.domid}/{READY_KEY.decode()}", spec.name.encode()
             )

@@ -75,27 +75,32 @@ class Machine:
         await self.qmp.start_server(str(self.files.qmp_socket))
 
     async def _on_xenbus(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.channel is not None:  # QEMU reconnected: the new stream replaces the old
-            self.channel.close()
-        self.channel = self.bus.attach(self.spec.domid, reader, writer)
+        # A reconnecting QEMU, or a new QEMU continuing this VM, takes over the
+        # domain's session: a watch the guest placed before still fires.
+        self.channel = self.bus.attach(self.spec.domid, reader, writer, resume=self.channel)
 
     async def _accept_qmp(self) -> None:
+        """Wait for QEMU's QMP connection; if QEMU dies first, raise what it said."""
         assert self.proc is not None
         accept = asyncio.ensure_future(self.qmp.accept())
         exited = asyncio.ensure_future(self.proc.wait())
         done, _ = await asyncio.wait(
             {accept, exited}, timeout=QMP_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
         )
-        if accept not in done:
-            accept.cancel()
-            exited.cancel()
-            if exited in done:
-                raise SystemFailure(
-                    f"QEMU exited with status {self.proc.returncode}: {self.qemu_error()}"
-                )
-            raise OperationTimeout(f"QEMU did not connect to QMP within {QMP_TIMEOUT:g} s")
         exited.cancel()
-        accept.result()
+        if accept in done and accept.exception() is None:
+            return
+        accept.cancel()
+        if not done:
+            raise OperationTimeout(f"QEMU did not connect to QMP within {QMP_TIMEOUT:g} s")
+        # QEMU exited, or connected and died before its greeting: its status and last
+        # words say why (a bad kernel, too little memory, a missing file).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), 5.0)
+        status = self.proc.returncode
+        if status is None:
+            raise SystemFailure(f"QMP handshake with QEMU failed: {accept.exception()}")
+        raise SystemFailure(f"QEMU exited with status {status}: {self.qemu_error()}")
 
     def qemu_error(self) -> str:
         """The last line QEMU wrote to its log, for error messages."""

@@ -20,7 +20,7 @@ from typing import TypeVar
 from sflib.xenstore.names import domain_path
 from sflib.xenstore.perms import parse_perms
 from sflib.xenstore.requests import handle
-from sflib.xenstore.store import Event, Store
+from sflib.xenstore.store import Event, Session, Store
 from sflib.xenstore.tree import Quotas, Tree
 from sflib.xenstore.wire import HEADER, Packet, ProtocolError, XenStoreError, decode_header
 
@@ -35,12 +35,13 @@ class Connection:
     def __init__(
         self,
         server: XenStoreServer,
-        domid: int,
+        session: Session,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
         self.server = server
-        self.session = server.store.open_session(domid)
+        self.session = session
+        self.detached = False
         self.reader = reader
         self.writer = writer
         self.queue: asyncio.Queue[Packet] = asyncio.Queue()
@@ -112,8 +113,19 @@ class Connection:
             log.info("domain %d: write failed: %s", self.domid, e)
             self._finish()
 
+    def detach(self) -> Session:
+        """Drop the stream but keep the session (its watches, its transactions) for a
+        new stream: the same domain continuing in another QEMU process."""
+        self.detached = True
+        self._finish()
+        return self.session
+
     def _finish(self) -> None:
-        self.server.forget(self)
+        if self.server.connections.get(self.session.id) is self:
+            if self.detached:
+                del self.server.connections[self.session.id]
+            else:
+                self.server.forget(self)
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()
@@ -140,14 +152,22 @@ class XenStoreServer:
     async def _accept_dom0(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        self._start(Connection(self, 0, reader, writer))
+        self._start(Connection(self, self.store.open_session(0), reader, writer))
 
     def attach(
-        self, domid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        domid: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        resume: Connection | None = None,
     ) -> Connection:
-        """Bind a stream to domain domid (which becomes introduced)."""
-        conn = Connection(self, domid, reader, writer)
-        self.deliver(self.store.introduce(domid))
+        """Bind a stream to domain domid (which becomes introduced). With resume, the
+        stream takes over that connection's session: watches placed before carry on."""
+        if resume is not None and resume.domid == domid:
+            conn = Connection(self, resume.detach(), reader, writer)
+        else:
+            conn = Connection(self, self.store.open_session(domid), reader, writer)
+            self.deliver(self.store.introduce(domid))
         self._start(conn)
         return conn
 
@@ -158,7 +178,7 @@ class XenStoreServer:
 
         Raises XenStoreError (ENOENT, EEXIST, EINVAL) and then changes nothing.
         """
-        conn = Connection(self, dst, reader, writer)
+        conn = Connection(self, self.store.open_session(dst), reader, writer)
         try:
             events = self.store.clone_domain(src, dst, conn.session)
         except Exception:

@@ -21,6 +21,7 @@ import pytest
 
 from sflib.image import build as image
 from sflib.image.initramfs import CpioWriter, default_compression
+from sflib.paths import BUILD_DIR
 from sflib.run import terminate_async
 from sflib.xenstore.server import XenStoreServer
 
@@ -192,7 +193,7 @@ fi
 def povray_image() -> image.Result:
     """An image with povray (the render farm's workload), in build/image-povray/."""
     opts = image.Options(
-        out=image.PROJECT_DIR / "build/image-povray",
+        out=BUILD_DIR / "image-povray",
         cache=image.default_cache(),
         hooks=image.default_hooks(),
         compression=default_compression(),

@@ -106,3 +106,19 @@ async def test_local_client_watch_calls_back(server: XenStoreServer) -> None:
     seen.clear()
     await d5.call(WRITE, b"snowflock/ready\0" + b"2")
     assert seen == []
+
+
+async def test_a_new_stream_can_resume_a_domains_session(server: XenStoreServer) -> None:
+    """A VM continuing in a new QEMU process keeps its watches on the new stream."""
+    server.local.make_domain(5)
+    (reader, writer), old, _ = await stream_pair()
+    first = server.attach(5, reader, writer)
+    await old.call(WATCH, payload("snowflock/replies", "w"))
+    assert await old.next_event() == (b"snowflock/replies", b"w")
+    (reader, writer), new, _ = await stream_pair()
+    second = server.attach(5, reader, writer, resume=first)
+    assert second.session is first.session
+    server.local.write("/local/domain/5/snowflock/replies/1", b"0")
+    assert await new.next_event() == (b"snowflock/replies/1", b"w")
+    assert await new.call(READ, payload("snowflock/replies/1")) == b"0"
+    assert [c.domid for c in server.connections.values()] == [5]
