@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,47 @@ class Machine:
         except QMPError as e:
             raise SystemFailure(f"QMP {command} failed: {e}") from e
 
+    # Saving and loading the device state (the descriptor's core) ---------------
+
+    async def pause(self) -> None:
+        await self.execute("stop")
+
+    async def resume(self) -> None:
+        await self.execute("cont")
+
+    async def save_state(self, path: Path) -> None:
+        """Write the device state, without shared RAM, to path (the VM must be paused).
+
+        Raises SystemFailure if QEMU's migration fails.
+        """
+        await self._ignore_shared()
+        await self.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+        await self._migration_done()
+
+    async def load_state(self, path: Path) -> None:
+        """Load a device state into a VM started with incoming="defer"; stays paused."""
+        await self._ignore_shared()
+        await self.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
+        await self._migration_done()
+
+    async def _ignore_shared(self) -> None:
+        # RAM lives in a shared file: the state stream leaves it out (DESIGN §2).
+        caps = [{"capability": "x-ignore-shared", "state": True}]
+        await self.execute("migrate-set-capabilities", {"capabilities": caps})
+
+    async def _migration_done(self, timeout: float = 60.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            info = await self.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise SystemFailure(f"migration {status}: {info.get('error-desc', 'no reason')}")
+            if asyncio.get_running_loop().time() > deadline:
+                raise OperationTimeout(f"migration not done in {timeout:g} s ({status})")
+            await asyncio.sleep(0.002)
+
     async def wait(self) -> int:
         assert self.proc is not None
         return await self.proc.wait()
@@ -158,7 +200,8 @@ class Machine:
         for path in (
             self.files.qmp_socket,
             self.files.xenbus_socket,
-            self.files.memory,
             *self.files.extra.values(),
         ):
             path.unlink(missing_ok=True)
+        if self.files.owns_memory:
+            self.files.memory.unlink(missing_ok=True)

@@ -42,11 +42,12 @@ class VMFiles:
     xenbus_socket: Path
     console_log: Path
     extra: dict[str, Path] = field(default_factory=dict)
+    owns_memory: bool = True  # False: a checkpoint's frozen file, shared with others
 
 
 def kernel_cmdline(spec: VMSpec) -> str:
-    return " ".join(filter(None, ["console=ttyS0", "panic=-1", f"sf.domid={spec.domid}",
-                                  spec.append]))  # fmt: skip
+    # The same for a VM and its clones: restoring needs the same machine.
+    return " ".join(filter(None, ["console=ttyS0", "panic=-1", spec.append]))
 
 
 def machine_args(spec: VMSpec, files: VMFiles) -> list[str]:
@@ -81,8 +82,8 @@ def device_args(files: VMFiles) -> list[str]:
 def boot_args(spec: VMSpec) -> list[str]:
     args = ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd),
             "-append", kernel_cmdline(spec)]  # fmt: skip
-    if spec.incoming:
-        args += ["-incoming", spec.incoming]
+    if spec.incoming:  # start paused: the caller loads the state, then continues
+        args += ["-S", "-incoming", spec.incoming]
     return args
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from sflib.xenstore import snapshot
 from sflib.xenstore.names import domain_path
 from sflib.xenstore.perms import parse_perms
 from sflib.xenstore.requests import handle
@@ -178,9 +179,20 @@ class XenStoreServer:
 
         Raises XenStoreError (ENOENT, EEXIST, EINVAL) and then changes nothing.
         """
+        return self.restore_domain(snapshot.take(self.store, src), dst, reader, writer)
+
+    def restore_domain(
+        self,
+        snap: snapshot.DomainSnapshot,
+        dst: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> Connection:
+        """Domain dst becomes the snapshot's domain: its subtree, and its watches on a
+        new stream. Raises XenStoreError (EEXIST, EINVAL) and then changes nothing."""
         conn = Connection(self, self.store.open_session(dst), reader, writer)
         try:
-            events = self.store.clone_domain(src, dst, conn.session)
+            events = snapshot.restore(self.store, snap, dst, conn.session)
         except Exception:
             self.store.close_session(conn.session)
             raise

@@ -10,8 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from sflib.xenstore import names
-from sflib.xenstore.perms import Access, Perms, access_of
-from sflib.xenstore.tree import Change, Node, NodeMap, Quotas, Tree, copy_subtree
+from sflib.xenstore.perms import Access, access_of
+from sflib.xenstore.tree import Change, Node, NodeMap, Quotas, Tree
 from sflib.xenstore.wire import Packet, XenStoreError, watch_event
 
 
@@ -184,31 +184,3 @@ class Store:
         for session in [s for s in self.sessions.values() if s.domid == domid]:
             self.close_session(session)
         return self.fire_special("@releaseDomain")
-
-    def clone_domain(self, src: int, dst: int, into: Session) -> list[Event]:
-        """Copy domain src's subtree to dst and its sessions' watches onto into.
-
-        Relative watches move to the new domain; absolute ones stay where they are.
-        Raises ENOENT (no such subtree), EEXIST (dst's subtree exists), EINVAL.
-        """
-        if src == dst or into.domid != dst:
-            raise XenStoreError(errno.EINVAL, "bad clone request")
-        copy_subtree(self.nodes, names.domain_path(src), names.domain_path(dst), src, dst)
-        for session in list(self.sessions.values()):
-            if session.domid == src:
-                for watch in session.watches.values():
-                    self._inherit(watch, src, dst, into)
-        self.introduced.add(dst)
-        changes = [Change(names.domain_path(dst), self._perms(names.domain_path(dst)))]
-        return self.fire(changes) + self.fire_special("@introduceDomain")
-
-    @staticmethod
-    def _inherit(watch: Watch, src: int, dst: int, into: Session) -> None:
-        path = watch.path
-        if watch.relative:
-            path = names.domain_path(dst) + path[len(names.domain_path(src)) :]
-        into.watches[(path, watch.token)] = Watch(path, watch.token, watch.relative)
-
-    def _perms(self, path: str) -> Perms:
-        node = self.nodes.nodes[path]
-        return node.perms

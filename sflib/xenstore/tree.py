@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from sflib.xenstore import names
-from sflib.xenstore.perms import Access, Perm, Perms, access_of, owner, rebind
+from sflib.xenstore.perms import Access, Perm, Perms, access_of, owner
 from sflib.xenstore.wire import XenStoreError
 
 
@@ -204,29 +204,3 @@ class Tree:
             if child_node is not None:
                 self._remove_subtree(child_path, child_node)
         self.nodes.set_node(path, None)
-
-
-def copy_subtree(nodes: NodeMap, src: str, dst: str, old: int, new: int) -> None:
-    """Copy the subtree at src to dst (which must not exist), domain old becoming new.
-
-    Raises ENOENT if src does not exist, EEXIST if dst does.
-    """
-    top = nodes.get(src)
-    if top is None:
-        raise XenStoreError(errno.ENOENT, src)
-    if nodes.get(dst) is not None:
-        raise XenStoreError(errno.EEXIST, dst)
-    parent_path = names.parent(dst)
-    parent = nodes.get(parent_path)
-    if parent is None:
-        raise XenStoreError(errno.ENOENT, parent_path)
-    nodes.set_node(parent_path, replace(parent, children=(*parent.children, names.basename(dst))))
-    _copy_node(nodes, src, dst, old, new)
-
-
-def _copy_node(nodes: NodeMap, src: str, dst: str, old: int, new: int) -> None:
-    node = nodes.get(src)
-    assert node is not None
-    nodes.set_node(dst, replace(node, perms=rebind(node.perms, old, new)))
-    for child in node.children:
-        _copy_node(nodes, names.join(src, child), names.join(dst, child), old, new)

@@ -54,8 +54,8 @@ def test_xenstore_port_name_and_kernel_line() -> None:
     assert "virtserialport,bus=vser.0,chardev=xenbus,name=org.snowflock.xenbus" in opt(
         argv, "-device"
     )
-    assert kernel_cmdline(spec()) == "console=ttyS0 panic=-1 sf.domid=3"
-    assert opt(argv, "-append") == ['console=ttyS0 panic=-1 sf.domid=3 sf.run="x y"']
+    assert kernel_cmdline(spec()) == "console=ttyS0 panic=-1"
+    assert opt(argv, "-append") == ['console=ttyS0 panic=-1 sf.run="x y"']
     assert show(["a", "b c"]) == "a 'b c'"
 
 

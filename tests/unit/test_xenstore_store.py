@@ -1,9 +1,12 @@
 """The store's logic alone: requests in, replies and events out (no sockets)."""
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sflib.xenstore import snapshot
 from sflib.xenstore.requests import handle
 from sflib.xenstore.store import Store
 from sflib.xenstore.tree import Quotas
@@ -265,7 +268,7 @@ def test_clone_domain_copies_subtree_and_watches(store: Store) -> None:
     d5(Op.WATCH, payload("/local/domain/5/abs", "abs"))
     d5.events.clear()
     clone = caller(store, 9)
-    store.clone_domain(5, 9, clone.session)
+    snapshot.restore(store, snapshot.take(store, 5), 9, clone.session)
     assert d0(Op.READ, payload("/local/domain/9/state")) == b"before-fork"
     assert d0(Op.GET_PERMS, payload("/local/domain/9/state")) == b"n9\0"
     assert d0(Op.GET_PERMS, payload("/local/domain/9")) == b"n9\0"
@@ -276,9 +279,29 @@ def test_clone_domain_copies_subtree_and_watches(store: Store) -> None:
     d0(Op.WRITE, b"/local/domain/5/snowflock/reply\0" + b"0")
     assert d5.events == [("snowflock/reply", b"wait")]
     with pytest.raises(Exception, match="EEXIST"):
-        store.clone_domain(5, 9, clone.session)
+        snapshot.restore(store, snapshot.take(store, 5), 9, clone.session)
     with pytest.raises(Exception, match="ENOENT"):
-        store.clone_domain(42, 10, caller(store, 10).session)
+        snapshot.take(store, 42)
+
+
+def test_snapshot_survives_json_and_later_changes(store: Store) -> None:
+    d0 = caller(store, 0)
+    make_domain(d0, 5)
+    d5 = caller(store, 5)
+    d5(Op.WRITE, b"app/state\0at-checkpoint")
+    d5(Op.WATCH, payload("snowflock/replies", "ckpt"))
+    snap = snapshot.DomainSnapshot.from_json(
+        json.loads(json.dumps(snapshot.take(store, 5).to_json()))
+    )
+    d5(Op.WRITE, b"app/state\0moved-on")  # the parent goes on after the checkpoint
+    clone = caller(store, 12)
+    snapshot.restore(store, snap, 12, clone.session)
+    assert clone(Op.READ, payload("app/state")) == b"at-checkpoint"
+    assert clone(Op.DIRECTORY, payload("app")) == b"state\0"
+    assert d0(Op.DIRECTORY, payload("/local/domain")).split(b"\0")[:-1] == [b"5", b"12"]
+    clone.events.clear()
+    d0(Op.WRITE, b"/local/domain/12/snowflock/replies/1\0k")
+    assert clone.events == [("snowflock/replies/1", b"ckpt")]
 
 
 PATHS = st.sampled_from(["/a", "/a/b", "x", "x/y", "/local/domain/5/q", "/", "@releaseDomain",
