@@ -1,25 +1,64 @@
 """The guest's end of the XenStore channel: pyxs on the virtio-serial port.
 
-pyxs opens the port as it would open /dev/xen/xenbus on Xen.
+pyxs treats a device path as Xen's /dev/xen/xenbus, whose kernel driver rewrites
+request IDs, and so refuses watches (Monitor) on it. Our port carries the plain
+wire protocol, so it is given to pyxs as a packet connection of its own.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 
 from pyxs import Client
+from pyxs.client import Router
+from pyxs.connection import PacketConnection
 
 from sflib.errors import UnreachableError
-from sflib.vm.qemu import XENBUS_PORT
 
+XENBUS_PORT = "org.snowflock.xenbus"
 PORT_PATH = f"/dev/virtio-ports/{XENBUS_PORT}"
 
 
+class _PortTransport:
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def recv(self, size: int) -> bytes:
+        chunks = []
+        while size:
+            data = os.read(self.fd, size)
+            if not data:
+                raise OSError(errno.ECONNRESET, "XenStore port closed")
+            chunks.append(data)
+            size -= len(data)
+        return b"".join(chunks)
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class PortConnection(PacketConnection):  # type: ignore[misc]
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def create_transport(self) -> _PortTransport:
+        return _PortTransport(self.path)
+
+
 def open_bus(path: str | None = None) -> Client:
-    """A connected pyxs client. Raises UnreachableError if there is no port."""
+    """A connected pyxs client, watches included. Raises UnreachableError."""
     path = path or os.environ.get("SF_XENBUS", PORT_PATH)
     if not os.path.exists(path):
         raise UnreachableError(f"no XenStore port at {path}", hint="is this a SnowFlock VM?")
-    client = Client(xen_bus_path=path)
+    client = Client(router=Router(PortConnection(path)))
     client.connect()
     return client

@@ -20,6 +20,7 @@ from sflib import run
 from sflib.errors import OperationTimeout, SystemFailure
 from sflib.vm.qemu import VMFiles, VMSpec, qemu_argv
 from sflib.xenstore.server import Connection, XenStoreServer
+from sflib.xenstore.snapshot import DomainSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class Machine:
         self.log = log.getChild(spec.name)
         self.proc: asyncio.subprocess.Process | None = None
         self.qmp = QMPClient(spec.name)
-        self.channel: Connection | None = None
+        self.channel: Connection | None = None  # set beforehand to continue a session
+        self.restore_from: DomainSnapshot | None = None  # set beforehand for a clone
         self._xenbus_server: asyncio.Server | None = None
         self._stop_lock = asyncio.Lock()
         self._stopped = False
@@ -76,6 +78,11 @@ class Machine:
         await self.qmp.start_server(str(self.files.qmp_socket))
 
     async def _on_xenbus(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.channel is None and self.restore_from is not None:
+            # A clone: its domain starts as the checkpointed domain was.
+            self.channel = self.bus.restore_domain(self.restore_from, self.spec.domid,
+                                                   reader, writer)  # fmt: skip
+            return
         # A reconnecting QEMU, or a new QEMU continuing this VM, takes over the
         # domain's session: a watch the guest placed before still fires.
         self.channel = self.bus.attach(self.spec.domid, reader, writer, resume=self.channel)

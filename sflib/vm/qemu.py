@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sflib.vm.accel import Accel
-
-XENBUS_PORT = "org.snowflock.xenbus"
+from sflib.vm.guestbus import XENBUS_PORT
 
 
 @dataclass(frozen=True)
