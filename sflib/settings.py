@@ -87,6 +87,9 @@ SFLD_SETTINGS: tuple[Setting, ...] = (
     Setting("vcpus", int, lambda p: 1, "Default number of vCPUs."),
     Setting("max_vms", int, lambda p: 32, "Most VMs this host runs at once."),
     Setting(
+        "max_clones", int, lambda p: 8, "Clone slots of this host: tickets are granted from them."
+    ),
+    Setting(
         "ready_timeout",
         float,
         lambda p: 300.0,

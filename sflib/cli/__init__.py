@@ -1,6 +1,9 @@
 """One module per executable; bin/<name> runs sflib.cli.<module> (see module_of)."""
 
-PROGRAMS = ["sf-image", "sf-vm", "sf-xenstored", "sfld"]
+PROGRAMS = [
+    "sf-checkpoint", "sf-clone", "sf-exit", "sf-image", "sf-join", "sf-kill", "sf-ticket",
+    "sf-vm", "sf-xenstored", "sfld",
+]  # fmt: skip
 
 
 def module_of(program: str) -> str:

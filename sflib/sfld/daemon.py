@@ -14,6 +14,8 @@ from typing import Any
 
 from sflib import __version__
 from sflib.errors import SystemFailure, UsageError
+from sflib.fork.checkpoint import describe
+from sflib.fork.engine import ForkEngine
 from sflib.sfld import control
 from sflib.sfld.vms import VMRequest, VMTable
 from sflib.vm.accel import Accel, AccelChoice, choose
@@ -50,6 +52,8 @@ class Daemon:
         except OSError as e:
             raise SystemFailure(f"cannot create sfld's folders: {e}") from e
         self.vms.recover()
+        self.fork = ForkEngine(self.vms, self.settings["max_clones"],
+                               Path(self.settings["state_dir"]))  # fmt: skip
         await self._listen()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -98,6 +102,12 @@ class Daemon:
             return (await vms.wait_ready(_name(args), float(args.get("timeout", 300)))).info()
         if op == "vm.stop":
             return (await vms.stop(_name(args))).info()
+        if op == "checkpoint.list":
+            return self.fork.list_checkpoints()
+        if op == "checkpoint.describe":
+            return describe(self.fork.checkpoint_dir, str(args.get("checkpoint")))
+        if op == "ticket.list":
+            return self.fork.list_tickets()
         raise UsageError(f"unknown request {op!r}")
 
 

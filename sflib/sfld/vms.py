@@ -13,12 +13,14 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from sflib.errors import NotFoundError, OperationTimeout, UsageError, WrongStateError
+from sflib.fork.checkpoint import MemoryImage
 from sflib.vm.accel import Accel
 from sflib.vm.machine import Machine
 from sflib.vm.qemu import VMFiles, VMSpec
@@ -64,6 +66,9 @@ class VM:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     supervisor: asyncio.Task[None] | None = None
+    generation: int = 0  # how many QEMU processes this VM has had (see fork)
+    family: str | None = None  # a clone's parent VM
+    clone_id: int | None = None
 
     def info(self) -> dict[str, Any]:
         spec = self.machine.spec
@@ -78,6 +83,8 @@ class VM:
             "image": str(self.image),
             "uptime_s": round(time.time() - self.started, 3),
             "boot_to_ready_s": self.boot_to_ready,
+            "family": self.family,
+            "clone_id": self.clone_id,
             "console_log": str(self.machine.files.console_log),
         }
 
@@ -117,6 +124,8 @@ class VMTable:
         self.state_dir = Path(settings["state_dir"]) / "vms"
         self.run_dir = Path(settings["run_dir"])
         self.memory_dir = Path(settings["memory_dir"])
+        self.on_end: list[Callable[[VM], Awaitable[None]]] = []  # e.g. the fork engine
+        self.images: dict[str, MemoryImage] = {}  # the frozen image a VM maps, if any
 
     def prepare(self) -> None:
         for d in (self.state_dir, self.run_dir, self.memory_dir):
@@ -152,12 +161,14 @@ class VMTable:
                              hint=f"give it at least {needed} MiB")  # fmt: skip
         return spec, self.files(name), image
 
-    def files(self, name: str) -> VMFiles:
+    def files(self, name: str, generation: int = 0) -> VMFiles:
+        """A VM's files; each QEMU process of it has sockets of its own."""
         vm_dir = self.state_dir / name
+        stem = name if generation == 0 else f"{name}.g{generation}"
         return VMFiles(
             memory=self.memory_dir / f"{name}.mem",
-            qmp_socket=self.run_dir / f"{name}.qmp",
-            xenbus_socket=self.run_dir / f"{name}.xenbus",
+            qmp_socket=self.run_dir / f"{stem}.qmp",
+            xenbus_socket=self.run_dir / f"{stem}.xenbus",
             console_log=vm_dir / "console.log",
             extra={"qemu_log": vm_dir / "qemu.log", "record": vm_dir / "vm.json"},
         )
@@ -178,8 +189,7 @@ class VMTable:
         except BaseException:
             await self._forget(vm)
             raise
-        self._write_record(vm)
-        vm.supervisor = asyncio.create_task(self._supervise(vm), name=f"vm-{spec.name}")
+        self.register(vm)
         log.info(
             "VM %s (domain %d) started: %s, %d MiB, %d vCPU",
             spec.name,
@@ -189,6 +199,30 @@ class VMTable:
             spec.vcpus,
         )
         return vm
+
+    def allocate_domid(self) -> int:
+        return next_domid({vm.machine.spec.domid for vm in self.vms.values()})
+
+    def reserve(self, vm: VM) -> None:
+        """Hold a VM's name and domain ID while its QEMU starts."""
+        if vm.machine.spec.name in self.vms:
+            raise WrongStateError(f"a VM named {vm.machine.spec.name} is already running")
+        self.vms[vm.machine.spec.name] = vm
+
+    def unreserve(self, vm: VM) -> None:
+        if self.vms.get(vm.machine.spec.name) is vm:
+            del self.vms[vm.machine.spec.name]
+
+    def release_image(self, name: str) -> None:
+        image = self.images.pop(name, None)
+        if image is not None:
+            image.release(name)
+
+    def register(self, vm: VM) -> None:
+        """Watch over a VM whose QEMU runs: record it, clean up when it ends."""
+        self.vms[vm.machine.spec.name] = vm
+        self._write_record(vm)
+        vm.supervisor = asyncio.create_task(self._supervise(vm), name=f"vm-{vm.machine.spec.name}")
 
     def _check_ready(self, vm: VM) -> None:
         path = f"/local/domain/{vm.machine.spec.domid}/{READY_KEY.decode()}"
@@ -202,7 +236,8 @@ class VMTable:
 
     async def _supervise(self, vm: VM) -> None:
         """Stop a VM that is not ready in time; clean up whenever QEMU exits."""
-        wait = asyncio.ensure_future(vm.machine.wait())
+        machine = vm.machine
+        wait = asyncio.ensure_future(machine.wait())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(vm.ready.wait(), self.settings["ready_timeout"])
         if not vm.ready.is_set() and vm.machine.running:
@@ -213,6 +248,9 @@ class VMTable:
             )
             await vm.machine.stop()
         status = await wait
+        while vm.machine is not machine:  # the VM continues in a new QEMU (a fork)
+            machine = vm.machine
+            status = await machine.wait()
         if vm.state != VMState.STOPPING:
             log.warning("VM %s exited with status %d", vm.machine.spec.name, status)
         await self._forget(vm)
@@ -252,6 +290,8 @@ class VMTable:
 
     async def _forget(self, vm: VM) -> None:
         spec = vm.machine.spec
+        for callback in self.on_end:
+            await callback(vm)
         if self.vms.get(spec.name) is vm:
             del self.vms[spec.name]
         await vm.machine.stop()
@@ -260,6 +300,7 @@ class VMTable:
                 f"/local/domain/{spec.domid}/{READY_KEY.decode()}", spec.name.encode()
             )
         self.bus.release_domain(spec.domid)
+        self.release_image(spec.name)
         shutil.rmtree(vm.machine.files.console_log.parent, ignore_errors=True)
         vm.ended.set()
 
@@ -288,6 +329,7 @@ class VMTable:
             shutil.rmtree(record.parent, ignore_errors=True)
         for leftover in self.state_dir.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
+        shutil.rmtree(self.state_dir.parent / "checkpoints", ignore_errors=True)
         for pattern, folder in (
             ("*.mem", self.memory_dir),
             ("*.qmp", self.run_dir),

@@ -41,6 +41,7 @@ class Machine:
         self.qmp = QMPClient(spec.name)
         self.channel: Connection | None = None  # set beforehand to continue a session
         self.restore_from: DomainSnapshot | None = None  # set beforehand for a clone
+        self.bus_connected = asyncio.Event()
         self._xenbus_server: asyncio.Server | None = None
         self._stop_lock = asyncio.Lock()
         self._stopped = False
@@ -80,12 +81,23 @@ class Machine:
     async def _on_xenbus(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.channel is None and self.restore_from is not None:
             # A clone: its domain starts as the checkpointed domain was.
-            self.channel = self.bus.restore_domain(self.restore_from, self.spec.domid,
-                                                   reader, writer)  # fmt: skip
+            snap = self.restore_from
+            self.channel = self.bus.restore_domain(snap, self.spec.domid, reader, writer)
+            self.bus_connected.set()
             return
         # A reconnecting QEMU, or a new QEMU continuing this VM, takes over the
         # domain's session: a watch the guest placed before still fires.
         self.channel = self.bus.attach(self.spec.domid, reader, writer, resume=self.channel)
+        self.bus_connected.set()
+
+    async def wait_bus(self, timeout: float = 10.0) -> None:
+        """Until QEMU's XenStore channel is attached. Raises OperationTimeout."""
+        try:
+            await asyncio.wait_for(self.bus_connected.wait(), timeout)
+        except TimeoutError:
+            raise OperationTimeout(
+                f"QEMU did not connect its XenStore port in {timeout:g} s"
+            ) from None
 
     async def _accept_qmp(self) -> None:
         """Wait for QEMU's QMP connection; if QEMU dies first, raise what it said."""

@@ -1,0 +1,104 @@
+"""The SnowFlock API, inside a guest: the seven calls of DESIGN §1.
+
+Each call writes a request into the guest's own XenStore domain and blocks on a
+watch until sfld writes the reply. sf_clone returns in the parent and in every
+clone, each with its own reply: sfld copies the guest's domain and its pending
+watch into each clone's new domain.
+
+Every function raises SnowFlockError subclasses carrying sfld's verdict:
+UsageError, NotFoundError (unknown ticket or checkpoint), WrongStateError (e.g.
+exit in the parent), UnreachableError (not a SnowFlock VM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from pyxs import Client
+
+from sflib.fork import layout
+from sflib.hooks.runner import run_hooks
+from sflib.vm.guestbus import open_bus
+
+
+@dataclass(frozen=True)
+class Ticket:
+    id: str
+    granted: int
+    requested: int
+
+
+def request(op: str, **args: Any) -> Any:
+    """Send one request to sfld and wait for its reply."""
+    rid = f"{os.getpid()}-{secrets.token_hex(4)}"
+    reply_key = layout.reply_key(rid).encode()
+    with open_bus() as client, client.monitor() as monitor:
+        monitor.watch(reply_key, rid.encode())
+        events = monitor.wait()
+        next(events)  # the watch's initial event
+        client.write(layout.request_key(rid).encode(), layout.encode_request(op, args))
+        raw = _await_reply(client, events, reply_key)
+        client.delete(reply_key)
+    return layout.decode_reply(raw)
+
+
+def _await_reply(client: Client, events: Any, key: bytes) -> bytes:
+    while True:
+        next(events)
+        raw = client.read(key, b"")
+        if raw:  # sfld's replies are never empty; an event may come before the value
+            return bytes(raw)
+
+
+def request_ticket(n: int) -> Ticket:
+    result = request("ticket", n=n)
+    return Ticket(result["ticket"], result["granted"], result["requested"])
+
+
+def clone(ticket: str, hooks_dir: str | None = None) -> int:
+    """0 in the parent; in each clone its ID, after hooks.d/clone-post.d ran."""
+    clone_id = int(request("clone", ticket=ticket)["id"])
+    if clone_id:
+        run_hooks("clone", "post", identity(), hooks_dir)
+    return clone_id
+
+
+def checkpoint_parent(hooks_dir: str | None = None) -> tuple[str, int]:
+    """(checkpoint, 0) now; (checkpoint, ID) in each clone made from it later."""
+    result = request("checkpoint")
+    if result["id"]:
+        run_hooks("clone", "post", identity(), hooks_dir)
+    return str(result["checkpoint"]), int(result["id"])
+
+
+def create_clones(checkpoint: str, ticket: str) -> int:
+    """Clones from checkpoint; they return from checkpoint_parent. 0 here."""
+    return int(request("create_clones", checkpoint=checkpoint, ticket=ticket)["id"])
+
+
+def exit(status: int = 0) -> NoReturn:
+    """End this clone with status; sfld stops it, so this never returns."""
+    request("exit", status=status)
+    while True:
+        time.sleep(3600)
+
+
+def join(ticket: str) -> dict[str, Any]:
+    """Wait until every clone of ticket has exited; their IDs, states and statuses."""
+    return dict(request("join", ticket=ticket))
+
+
+def kill(ticket: str) -> dict[str, Any]:
+    return dict(request("kill", ticket=ticket))
+
+
+def identity() -> dict[str, Any]:
+    """This clone's identity as sfld wrote it (empty in a parent)."""
+    with open_bus() as client:
+        raw = client.read(layout.IDENTITY.encode(), b"")
+    return json.loads(raw) if raw else {}

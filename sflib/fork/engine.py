@@ -1,0 +1,275 @@
+"""sfld's side of the API: takes requests off the guests' XenStore subtrees and
+carries them out (DESIGN §5), one task per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from sflib.errors import NotFoundError, SnowFlockError, SystemFailure, UsageError, WrongStateError
+from sflib.fork import layout, mechanics
+from sflib.fork.checkpoint import Checkpoint
+from sflib.fork.tickets import Clone, CloneState, Ticket, TicketBook, TicketState
+from sflib.sfld.vms import VM, VMTable
+from sflib.xenstore.wire import XenStoreError
+
+log = logging.getLogger(__name__)
+
+NO_REPLY = object()  # the handler answered by itself
+
+
+class ForkEngine:
+    def __init__(self, vms: VMTable, max_clones: int, state_dir: Path) -> None:
+        self.vms = vms
+        self.bus = vms.bus
+        self.book = TicketBook(max_clones)
+        self.checkpoints: dict[str, Checkpoint] = {}
+        self.checkpoint_dir = state_dir / "checkpoints"
+        self.busy: set[str] = set()  # VMs with a fork in flight
+        self.finished: dict[str, asyncio.Event] = {}  # per ticket: all clones ended
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._serial = 0
+        vms.on_end.append(self._vm_ended)
+        self.bus.local.watch("/local/domain", b"sf-requests", self._on_event)
+
+    # Plumbing ---------------------------------------------------------------
+
+    def _on_event(self, path: str, _token: bytes) -> None:
+        parsed = layout.parse_request_path(path)
+        if parsed is None:
+            return
+        try:
+            raw = self.bus.local.read(path)
+        except XenStoreError:
+            return  # our own removal of a request fires this watch again
+        self.bus.local.rm(path)  # before acting, so that no clone inherits it
+        task = asyncio.create_task(self._serve(*parsed, raw))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, domid: int, rid: str, raw: bytes) -> None:
+        vm = next((v for v in self.vms.vms.values() if v.machine.spec.domid == domid), None)
+        if vm is None:
+            log.warning("request from domain %d, which is no VM of ours", domid)
+            return
+        try:
+            request = layout.decode_request(domid, rid, raw)
+            log.info("%s: %s %s", vm.machine.spec.name, request.op, request.args)
+            result = await self._dispatch(vm, request)
+        except SnowFlockError as e:
+            log.info("%s: refused: %s", vm.machine.spec.name, e)
+            self._reply(domid, rid, layout.encode_error(e))
+            return
+        except Exception as e:  # the daemon must survive a bug in one request
+            log.exception("request %s of %s failed", rid, vm.machine.spec.name)
+            self._reply(domid, rid, layout.encode_error(SystemFailure(f"sfld: {e}")))
+            return
+        if result is not NO_REPLY:
+            self._reply(domid, rid, layout.encode_result(result))
+
+    def _reply(self, domid: int, rid: str, data: bytes) -> None:
+        with contextlib.suppress(XenStoreError):  # the domain may be gone
+            self.bus.local.write(f"/local/domain/{domid}/{layout.reply_key(rid)}", data)
+
+    async def _dispatch(self, vm: VM, request: layout.Request) -> Any:
+        handler = getattr(self, f"_op_{request.op}")
+        return await handler(vm, request)
+
+    # The seven calls ------------------------------------------------------------
+
+    async def _op_ticket(self, vm: VM, request: layout.Request) -> Any:
+        ticket = self.book.grant(vm.machine.spec.name, _int(request.args, "n"))
+        self.finished[ticket.id] = asyncio.Event()
+        return {"ticket": ticket.id, "granted": ticket.granted, "requested": ticket.requested}
+
+    async def _op_clone(self, vm: VM, request: layout.Request) -> Any:
+        ticket = self.book.usable(_str(request.args, "ticket"), vm.machine.spec.name)
+        async with self._forking(vm):
+            ckpt = await self._checkpoint(vm, request.rid, named=False)
+            self.checkpoints[ckpt.id] = ckpt
+            ticket.pause_ms, ticket.checkpoint = ckpt.pause_ms, ckpt.id
+            self._reply(vm.machine.spec.domid, request.rid, layout.encode_result({"id": 0}))
+            await self._spawn(vm, ckpt, ticket, lambda k: {"id": k})
+        return NO_REPLY
+
+    async def _op_checkpoint(self, vm: VM, request: layout.Request) -> Any:
+        async with self._forking(vm):
+            ckpt = await self._checkpoint(vm, request.rid, named=True)
+        self.checkpoints[ckpt.id] = ckpt
+        ckpt.write_manifest()
+        return {"checkpoint": ckpt.id, "id": 0}
+
+    async def _op_create_clones(self, vm: VM, request: layout.Request) -> Any:
+        ckpt = self.checkpoints.get(_str(request.args, "checkpoint"))
+        if ckpt is None or not ckpt.named or ckpt.owner != vm.machine.spec.name:
+            raise NotFoundError(f"no checkpoint {request.args['checkpoint']}")
+        ticket = self.book.usable(_str(request.args, "ticket"), vm.machine.spec.name)
+        async with self._forking(vm):
+            await self._spawn(vm, ckpt, ticket, lambda k: {"checkpoint": ckpt.id, "id": k})
+        return {"id": 0, "clones": len(ticket.clones)}
+
+    async def _op_exit(self, vm: VM, request: layout.Request) -> Any:
+        ticket, clone_id = self._clone_of(vm, "sf-exit")
+        status = _int(request.args, "status", low=0, high=255)
+        clone = ticket.clones[clone_id]
+        clone.state, clone.status = CloneState.EXITED, status
+        asyncio.get_running_loop().call_later(0.05, self._stop_soon, vm.machine.spec.name)
+        return {"status": status}
+
+    async def _op_join(self, vm: VM, request: layout.Request) -> Any:
+        ticket = self._ended_by_parent(vm, request, "sf-join")
+        await self.finished[ticket.id].wait()
+        self.book.end(ticket)
+        self._drop_checkpoints_of(ticket)
+        return ticket.to_json()
+
+    async def _op_kill(self, vm: VM, request: layout.Request) -> Any:
+        ticket = self._ended_by_parent(vm, request, "sf-kill")
+        running = [c for c in ticket.clones.values() if c.state == CloneState.RUNNING]
+        for clone in running:
+            clone.state = CloneState.KILLED
+        await asyncio.gather(*(self._stop_vm(c.vm) for c in running))
+        self.book.end(ticket)
+        self._drop_checkpoints_of(ticket)
+        return ticket.to_json()
+
+    # Helpers --------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _forking(self, vm: VM) -> AsyncIterator[None]:
+        name = vm.machine.spec.name
+        if name in self.busy:
+            raise WrongStateError(f"a clone or checkpoint of {name} is already in flight")
+        self.busy.add(name)
+        try:
+            yield
+        finally:
+            self.busy.discard(name)
+
+    async def _checkpoint(self, vm: VM, rid: str, named: bool) -> Checkpoint:
+        self._serial += 1
+        ckpt_id = f"{'c' if named else 'k'}{self._serial}-{secrets.token_hex(3)}"
+        started = time.perf_counter()
+        ckpt = await mechanics.freeze(self.vms, vm, ckpt_id, named, self.checkpoint_dir / ckpt_id)
+        ckpt.rid = rid
+        await mechanics.continue_from(self.vms, vm, ckpt)
+        ckpt.pause_ms = round((time.perf_counter() - started) * 1000, 1)
+        log.info("%s paused %.1f ms for checkpoint %s", vm.machine.spec.name, ckpt.pause_ms,
+                 ckpt.id)  # fmt: skip
+        return ckpt
+
+    async def _spawn(self, parent: VM, ckpt: Checkpoint, ticket: Ticket, reply: Any) -> None:
+        ticket.state = TicketState.CLONING
+        for k in range(1, ticket.granted + 1):
+            name = f"{ticket.id}-{k}"
+            try:
+                clone = await mechanics.restore_clone(self.vms, parent, ckpt, name, k)
+            except SnowFlockError as e:
+                log.warning("clone %d of ticket %s did not start: %s", k, ticket.id, e)
+                ticket.clones[k] = _crashed(k, name)
+                continue
+            ticket.clones[k] = _running(k, name)
+            self.vms.register(clone)
+            await clone.machine.resume()
+            identity = {"id": k, "family": parent.machine.spec.name, "ticket": ticket.id}
+            domain = f"/local/domain/{clone.machine.spec.domid}"
+            self.bus.local.write(f"{domain}/{layout.IDENTITY}", json.dumps(identity).encode())
+            self._reply(clone.machine.spec.domid, ckpt.rid, layout.encode_result(reply(k)))
+        ticket.state = TicketState.ACTIVE
+        self._check_finished(ticket)
+
+    def _clone_of(self, vm: VM, tool: str) -> tuple[Ticket, int]:
+        if vm.clone_id is None:
+            raise WrongStateError(f"{tool} is for clones; {vm.machine.spec.name} is a parent")
+        ticket_id = vm.machine.spec.name.rsplit("-", 1)[0]
+        return self.book.tickets[ticket_id], vm.clone_id
+
+    def _ended_by_parent(self, vm: VM, request: layout.Request, tool: str) -> Ticket:
+        if vm.clone_id is not None:
+            raise WrongStateError(f"{tool} is for the parent; this is clone {vm.clone_id}")
+        ticket = self.book.get(_str(request.args, "ticket"), vm.machine.spec.name)
+        if ticket.state == TicketState.GRANTED:
+            raise WrongStateError(f"ticket {ticket.id} has no clones yet")
+        if ticket.state == TicketState.ENDED:
+            raise WrongStateError(f"ticket {ticket.id} was already joined or killed")
+        return ticket
+
+    def _stop_soon(self, name: str) -> None:
+        task = asyncio.create_task(self._stop_vm(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _stop_vm(self, name: str) -> None:
+        with contextlib.suppress(NotFoundError):
+            await self.vms.stop(name)
+
+    async def _vm_ended(self, vm: VM) -> None:
+        name = vm.machine.spec.name
+        self.busy.discard(name)
+        if vm.clone_id is not None:
+            ticket = self.book.tickets.get(name.rsplit("-", 1)[0])
+            if ticket is not None and vm.clone_id in ticket.clones:
+                clone = ticket.clones[vm.clone_id]
+                if clone.state == CloneState.RUNNING:
+                    clone.state = CloneState.CRASHED
+                    log.warning("clone %d of ticket %s ended without sf-exit", clone.id, ticket.id)
+                self._check_finished(ticket)
+        for ticket in self.book.of_owner(name):  # a parent gone takes its family along
+            if ticket.state != TicketState.ENDED:
+                for clone in ticket.clones.values():
+                    if clone.state == CloneState.RUNNING:
+                        clone.state = CloneState.KILLED
+                        self._stop_soon(clone.vm)
+                self.book.end(ticket)
+                self.finished[ticket.id].set()
+        for ckpt in [c for c in self.checkpoints.values() if c.owner == name]:
+            self.checkpoints.pop(ckpt.id).remove()
+
+    def _check_finished(self, ticket: Ticket) -> None:
+        if ticket.state == TicketState.ACTIVE and ticket.finished:
+            self.finished[ticket.id].set()
+
+    def _drop_checkpoints_of(self, ticket: Ticket) -> None:
+        ckpt = self.checkpoints.get(ticket.checkpoint or "")
+        if ckpt is not None and not ckpt.named:
+            self.checkpoints.pop(ckpt.id).remove()
+
+    # For sf-vm --------------------------------------------------------------------
+
+    def list_checkpoints(self) -> list[dict[str, Any]]:
+        return [{"checkpoint": c.id, "owner": c.owner, "created": c.created,
+                 "pause_ms": c.pause_ms, "memory": str(c.image.path)}
+                for c in self.checkpoints.values() if c.named]  # fmt: skip
+
+    def list_tickets(self) -> list[dict[str, Any]]:
+        return [t.to_json() for t in self.book.tickets.values()]
+
+
+def _int(args: dict[str, Any], key: str, low: int = -(2**31), high: int = 2**31) -> int:
+    value = args.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise UsageError(f"{key} must be an integer from {low} to {high}")
+    return value
+
+
+def _str(args: dict[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"{key} is required")
+    return value
+
+
+def _running(k: int, name: str) -> Clone:
+    return Clone(k, name)
+
+
+def _crashed(k: int, name: str) -> Clone:
+    return Clone(k, name, CloneState.CRASHED)
