@@ -24,7 +24,7 @@ all: deps man completion c
 # C and assembly in c/, built warning-free into build/.
 CFLAGS ?= -O2 -g
 CFLAGS += -Wall -Wextra -Werror -std=gnu11
-C_TARGETS := build/kvm-probe.bin
+C_TARGETS := build/kvm-probe.bin build/libsnowflock.a build/sf-ctest
 
 c: $(C_TARGETS)
 
@@ -33,6 +33,29 @@ build/kvm-probe.bin: c/kvm-probe.S | deps-debian
 	@mkdir -p build
 	$(CC) -c -o build/kvm-probe.o $<
 	ld -m elf_x86_64 -Ttext=0xffff0000 --oformat binary -o $@ build/kvm-probe.o
+
+# The C API for guests (c/snowflock.h): it runs the sf-* tools.
+build/snowflock.o: c/snowflock.c c/snowflock.h | deps-debian
+	@mkdir -p build
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+build/libsnowflock.a: build/snowflock.o
+	rm -f $@
+	$(AR) rcs $@ $^
+
+# Static, so it runs in any guest whatever its libraries (test_c_api.py puts it in one).
+build/sf-ctest: c/sf-ctest.c c/snowflock.h build/libsnowflock.a
+	$(CC) $(CFLAGS) -static -o $@ $< build/libsnowflock.a
+
+build/sf-unittest: c/sf-unittest.c c/snowflock.h build/libsnowflock.a
+	$(CC) $(CFLAGS) -o $@ $< build/libsnowflock.a
+
+# The C API's parsers, and its calls against fake tools, under valgrind. Not
+# --errors-for-leak-kinds=all: a child that fails to exec still holds the parent's
+# reachable blocks, and valgrind would change its exit status 127 to 1.
+.PHONY: test-c
+test-c: build/sf-unittest
+	valgrind -q --error-exitcode=1 --leak-check=full build/sf-unittest
 
 deps: deps-debian deps-python
 
@@ -85,7 +108,7 @@ test-vm: deps
 test-all: deps
 	$(PY) -m pytest -q
 
-test: deps man lint test-bats test-all
+test: deps man lint test-c test-bats test-all
 
 bench: deps
 	$(PY) bench/xenstore_bench.py

@@ -1,7 +1,8 @@
 """One module per executable; bin/<name> runs sflib.cli.<module> (see module_of)."""
 
 PROGRAMS = [
-    "sf-checkpoint", "sf-clone", "sf-exit", "sf-image", "sf-join", "sf-kill", "sf-ticket",
+    "sf-checkpoint", "sf-clone", "sf-exit", "sf-image", "sf-join", "sf-kill", "sf-share",
+    "sf-ticket",
     "sf-vm", "sf-xenstored", "sfld",
 ]  # fmt: skip
 

@@ -141,6 +141,31 @@ def stop(
 
 
 @app.command()
+def checkpoints(as_json: JsonOption = False) -> None:
+    """List the checkpoints VMs made with sf-checkpoint."""
+    found = _Context.client.call("checkpoint.list")
+    text = "\n".join(f"{c['checkpoint']} {c['owner']} {c['pause_ms']} ms" for c in found)
+    _print(found, as_json, text)
+
+
+@app.command()
+def describe(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint, as sf-vm checkpoints lists.")],
+) -> None:
+    """Print a checkpoint's descriptor manifest (JSON; see sfld(8))."""
+    print(json.dumps(_Context.client.call("checkpoint.describe", checkpoint=checkpoint), indent=2))
+
+
+@app.command()
+def tickets(as_json: JsonOption = False) -> None:
+    """List tickets: their owner, state, clones and the parent's pause."""
+    found = _Context.client.call("ticket.list")
+    lines = [f"{t['ticket']} {t['owner']} {t['state']} {t['granted']}/{t['requested']} "
+             f"pause={t['pause_ms']}ms" for t in found]  # fmt: skip
+    _print(found, as_json, "\n".join(lines))
+
+
+@app.command()
 def status(as_json: JsonOption = False) -> None:
     """Show sfld's version, accelerator and VM count."""
     info = _Context.client.call("status")

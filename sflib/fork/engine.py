@@ -132,7 +132,7 @@ class ForkEngine:
         return ticket.to_json()
 
     async def _op_kill(self, vm: VM, request: layout.Request) -> Any:
-        ticket = self._ended_by_parent(vm, request, "sf-kill")
+        ticket = self._ended_by_parent(vm, request, "sf-kill", unused_ok=True)
         running = [c for c in ticket.clones.values() if c.state == CloneState.RUNNING]
         for clone in running:
             clone.state = CloneState.KILLED
@@ -178,25 +178,50 @@ class ForkEngine:
                 continue
             ticket.clones[k] = _running(k, name)
             self.vms.register(clone)
+            if ticket.state == TicketState.ENDED:  # killed while we were cloning
+                ticket.clones[k].state = CloneState.KILLED
+                self._stop_soon(name)
+                continue
+            self._introduce(parent, clone, ticket, k)
             await clone.machine.resume()
-            identity = {"id": k, "family": parent.machine.spec.name, "ticket": ticket.id}
-            domain = f"/local/domain/{clone.machine.spec.domid}"
-            self.bus.local.write(f"{domain}/{layout.IDENTITY}", json.dumps(identity).encode())
             self._reply(clone.machine.spec.domid, ckpt.rid, layout.encode_result(reply(k)))
-        ticket.state = TicketState.ACTIVE
+        if ticket.state != TicketState.ENDED:
+            ticket.state = TicketState.ACTIVE
         self._check_finished(ticket)
+
+    def _introduce(self, parent: VM, clone: VM, ticket: Ticket, k: int) -> None:
+        """Tell a clone who it is, and give it its corner of the family's share."""
+        parent_domid, domid = parent.machine.spec.domid, clone.machine.spec.domid
+        identity = {"id": k, "family": parent.machine.spec.name, "ticket": ticket.id,
+                    "parent_domid": parent_domid, "domid": domid}  # fmt: skip
+        local = self.bus.local
+        local.write(f"/local/domain/{domid}/{layout.IDENTITY}", json.dumps(identity).encode())
+        corner = f"/local/domain/{parent_domid}/{layout.share_dir(ticket.id, k)}"
+        local.mkdir(corner)
+        # What the clone writes there is its own, readable and removable by the parent.
+        local.set_perms(corner, [f"n{parent_domid}", f"b{domid}", f"b{parent_domid}"])
 
     def _clone_of(self, vm: VM, tool: str) -> tuple[Ticket, int]:
         if vm.clone_id is None:
             raise WrongStateError(f"{tool} is for clones; {vm.machine.spec.name} is a parent")
-        ticket_id = vm.machine.spec.name.rsplit("-", 1)[0]
-        return self.book.tickets[ticket_id], vm.clone_id
+        ticket = self.book.tickets.get(vm.machine.spec.name.rsplit("-", 1)[0])
+        if ticket is None or vm.clone_id not in ticket.clones:
+            raise WrongStateError(f"{vm.machine.spec.name} is no longer part of a ticket")
+        return ticket, vm.clone_id
 
-    def _ended_by_parent(self, vm: VM, request: layout.Request, tool: str) -> Ticket:
-        if vm.clone_id is not None:
-            raise WrongStateError(f"{tool} is for the parent; this is clone {vm.clone_id}")
-        ticket = self.book.get(_str(request.args, "ticket"), vm.machine.spec.name)
-        if ticket.state == TicketState.GRANTED:
+    def _ended_by_parent(
+        self, vm: VM, request: layout.Request, tool: str, unused_ok: bool = False
+    ) -> Ticket:
+        """The ticket, if vm holds it and may end it now."""
+        ticket_id = _str(request.args, "ticket")
+        try:
+            ticket = self.book.get(ticket_id, vm.machine.spec.name)
+        except NotFoundError:
+            if vm.machine.spec.name.startswith(f"{ticket_id}-"):  # a clone of that ticket
+                message = f"{tool} is for the parent; this is clone {vm.clone_id}"
+                raise WrongStateError(message) from None
+            raise
+        if ticket.state == TicketState.GRANTED and not unused_ok:
             raise WrongStateError(f"ticket {ticket.id} has no clones yet")
         if ticket.state == TicketState.ENDED:
             raise WrongStateError(f"ticket {ticket.id} was already joined or killed")

@@ -18,7 +18,8 @@ from sflib.errors import SnowFlockError, UsageError
 
 REQUESTS = "snowflock/requests"
 REPLIES = "snowflock/replies"
-IDENTITY = "snowflock/identity"  # {"id", "family", "ticket"}, written by sfld
+IDENTITY = "snowflock/identity"  # {"id", "family", "ticket", ...}, written by sfld
+SHARE = "snowflock/share"  # in the parent's domain: <ticket>/<clone id>/<key>
 OPS = ("ticket", "clone", "checkpoint", "create_clones", "exit", "join", "kill")
 
 _REQUEST_PATH = re.compile(r"^/local/domain/(\d+)/snowflock/requests/([A-Za-z0-9_-]{1,64})$")
@@ -38,6 +39,10 @@ def request_key(rid: str) -> str:
 
 def reply_key(rid: str) -> str:
     return f"{REPLIES}/{rid}"
+
+
+def share_dir(ticket: str, clone_id: int) -> str:
+    return f"{SHARE}/{ticket}/{clone_id}"
 
 
 def parse_request_path(path: str) -> tuple[int, str] | None:

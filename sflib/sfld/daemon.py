@@ -7,6 +7,7 @@ its sockets. At start it first cleans up what a previous sfld left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -78,6 +79,8 @@ class Daemon:
         await self.vms.stop_all()
         await self.bus.close()
         self.xenstored_socket.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # kept if something is still in it
+            self.vms.memory_dir.rmdir()
         log.info("stopped")
 
     # Control requests ---------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 
-from pyxs import Client
+from pyxs import Client, PyXSError
 from pyxs.client import Router
 from pyxs.connection import PacketConnection
 
@@ -60,5 +60,8 @@ def open_bus(path: str | None = None) -> Client:
     if not os.path.exists(path):
         raise UnreachableError(f"no XenStore port at {path}", hint="is this a SnowFlock VM?")
     client = Client(router=Router(PortConnection(path)))
-    client.connect()
+    try:
+        client.connect()
+    except (OSError, PyXSError) as e:
+        raise UnreachableError(f"cannot open the XenStore port {path}: {e}") from e
     return client

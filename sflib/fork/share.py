@@ -1,0 +1,88 @@
+"""The family share: clones hand results back to their parent through XenStore.
+
+sfld gives clone k of a ticket a folder in its parent's domain,
+snowflock/share/<ticket>/<k>, that the clone may write and the parent read. A value
+is stored as base64 chunks (XenStore takes 7-bit text, at most 2048 bytes a value
+from a guest): <key>/<i> for each chunk, then <key>/chunks, written last, so a
+reader never sees half a value.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+from pyxs import Client, PyXSError
+
+from sflib.errors import NotFoundError, UsageError, WrongStateError
+from sflib.fork import layout
+from sflib.fork.api import identity
+from sflib.vm.guestbus import open_bus
+
+CHUNK = 1536  # base64 makes 2048 of it
+KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def chunks(data: bytes) -> list[bytes]:
+    """data as base64 chunks of at most 2048 bytes (pure)."""
+    return [base64.b64encode(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)] or [b""]
+
+
+def _check_key(key: str) -> str:
+    if not KEY.match(key):
+        raise UsageError(f"invalid key {key!r}", hint="use [A-Za-z0-9_-], at most 64")
+    return key
+
+
+def put(key: str, data: bytes) -> str:
+    """Store data under key in this clone's share folder; returns the path used.
+
+    Raises WrongStateError in a parent.
+    """
+    me = identity()
+    if not me:
+        raise WrongStateError("sf-share put is for clones; this VM is a parent")
+    folder = f"/local/domain/{me['parent_domid']}/{layout.share_dir(me['ticket'], me['id'])}"
+    base = f"{folder}/{_check_key(key)}"
+    with open_bus() as client:
+        parts = chunks(data)
+        for i, part in enumerate(parts):
+            client.write(f"{base}/{i}".encode(), part)
+        client.write(f"{base}/chunks".encode(), str(len(parts)).encode())
+    return base
+
+
+def get(ticket: str, clone_id: int, key: str) -> bytes:
+    """What clone clone_id of ticket stored under key. Raises NotFoundError."""
+    base = f"{layout.share_dir(ticket, clone_id)}/{_check_key(key)}"
+    with open_bus() as client:
+        try:
+            count = int(client.read(f"{base}/chunks".encode()))
+            return b"".join(base64.b64decode(client.read(f"{base}/{i}".encode()))
+                            for i in range(count))  # fmt: skip
+        except PyXSError:
+            raise NotFoundError(f"clone {clone_id} of {ticket} shared no {key}") from None
+
+
+def keys(ticket: str) -> dict[int, list[str]]:
+    """Each clone's keys in the share of ticket."""
+    with open_bus() as client:
+        return {int(k): _complete(client, f"{layout.SHARE}/{ticket}/{k}")
+                for k in _list(client, f"{layout.SHARE}/{ticket}")}  # fmt: skip
+
+
+def clear(ticket: str) -> None:
+    with open_bus() as client:
+        client.delete(f"{layout.SHARE}/{ticket}".encode())
+
+
+def _list(client: Client, path: str) -> list[str]:
+    try:
+        return [x.decode() for x in client.list(path.encode())]
+    except PyXSError:
+        raise NotFoundError(f"no share for {path.rsplit('/', 1)[-1]}") from None
+
+
+def _complete(client: Client, folder: str) -> list[str]:
+    return sorted(k for k in _list(client, folder)
+                  if client.exists(f"{folder}/{k}/chunks".encode()))  # fmt: skip

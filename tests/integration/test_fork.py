@@ -1,0 +1,202 @@
+"""VM fork on one host, from inside real guests (TCG): the seven calls and their
+wrong uses. Each guest runs a shell script and prints unambiguous lines that the
+test reads from the parent's console."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from tests.integration.conftest import Host
+
+pytestmark = pytest.mark.vm
+
+GO = ("until python3 -c \"from sflib.vm.guestbus import open_bus; "
+      "open_bus().read(b'go')\" 2>/dev/null; do sleep 1; done")  # fmt: skip
+
+
+def boot(host: Host, name: str, script: str, memory: int = 256) -> dict[str, object]:
+    b64 = base64.b64encode(script.encode()).decode()
+    append = f'sf.run="echo {b64} | base64 -d > /g.sh && sh /g.sh; sleep 100000"'
+    assert len(append) < 2000, "kernel command lines stop at 2048 bytes"
+    return host.vm_json("run", "--name", name, "--memory", str(memory), "--append", append,
+                        "--wait-ready")  # fmt: skip
+
+
+def console(host: Host, name: str, marker: str = "SF-DONE", timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = host.tool("sf-vm", "logs", name).stdout
+        if re.search(f"^{re.escape(marker)}", text, re.M):  # not inside the kernel line
+            return text
+        time.sleep(1)
+    raise AssertionError(f"{marker} not seen in {name}'s console:\n{text[-3000:]}\n"
+                         f"sfld:\n{host.log.read_text()[-3000:]}")  # fmt: skip
+
+
+def vm_names(host: Host) -> list[str]:
+    return sorted(v["name"] for v in host.vm_json("ls"))
+
+
+FORK = """
+dd if=/dev/urandom of=/tmp/state bs=1M count=8 2>/dev/null
+h=$(sha256sum /tmp/state | cut -c1-16)
+t=$(sf-ticket 3)
+id=$(sf-clone "$t")
+if [ "$id" = 0 ]; then
+  sf-join "$t" > /tmp/join; echo "JOIN rc=$?"; sed 's/^/JOINED /' /tmp/join
+  for k in 1 2 3; do echo "FROM $k $(sf-share get "$t" $k result)"; done
+  echo "PARENT $h"; echo SF-DONE
+else
+  echo "$id $(sha256sum /tmp/state | cut -c1-16)" | sf-share put result
+  sf-exit $((id + 10))
+fi
+"""
+
+
+def test_three_clones_share_the_parents_memory_and_report_their_ids(host: Host) -> None:
+    boot(host, "farm", FORK)
+    out = console(host, "farm")
+    parent_hash = re.search(r"^PARENT (\w+)", out, re.M).group(1)  # type: ignore[union-attr]
+    for k in (1, 2, 3):
+        assert f"FROM {k} {k} {parent_hash}" in out  # its own ID, the memory from before
+        assert f"JOINED {k} exited {k + 10}" in out
+    assert "JOIN rc=1" in out  # statuses were not all 0
+    assert vm_names(host) == ["farm"]  # joined clones are gone
+    pause = re.search(r"farm paused ([\d.]+) ms", host.log.read_text())
+    assert pause, "the parent's pause is logged"
+    ticket = host.vm_json("tickets")[0]
+    assert ticket["state"] == "ended" and ticket["pause_ms"] == float(pause.group(1))
+    assert len(list(host.memory_dir.glob("*.mem"))) == 1  # only the image the parent maps
+
+
+CHECKPOINT = (
+    """
+echo before > /tmp/mark
+set -- $(sf-checkpoint)
+c=$1; id=$2
+if [ "$id" = 0 ]; then
+  echo "CKPT $c"
+  echo after > /tmp/mark
+  """
+    + GO
+    + """
+  t=$(sf-ticket 2)
+  echo "CREATE $(sf-clone --from "$c" "$t")"
+  sf-join "$t"; echo "JOIN rc=$?"
+  for k in 1 2; do echo "FROM $k $(sf-share get "$t" $k mark)"; done
+  echo SF-DONE
+else
+  echo "$c $id $(cat /tmp/mark)" | sf-share put mark
+  sf-exit 0
+fi
+"""
+)
+
+
+def test_checkpoint_now_clones_later(host: Host) -> None:
+    info = boot(host, "ckpt", CHECKPOINT)
+    text = console(host, "ckpt", "CKPT")
+    ckpt = re.search(r"^CKPT (\S+)", text, re.M).group(1)  # type: ignore[union-attr]
+    listed = host.vm_json("checkpoints")
+    assert [c["checkpoint"] for c in listed] == [ckpt]
+    manifest = json.loads(host.tool("sf-vm", "describe", ckpt).stdout)
+    assert manifest["format"] == "snowflock-descriptor-1" and manifest["owner"] == "ckpt"
+    assert manifest["devstate"]["bytes"] > 0 and manifest["machine"]["memory_mib"] == 256
+    time.sleep(20)  # the parent moves on; the checkpoint stays as it was
+    host.xenstore("xenstore-write", f"/local/domain/{info['domid']}/go", "1")
+    out = console(host, "ckpt")
+    assert "CREATE 0" in out and "JOIN rc=0" in out
+    for k in (1, 2):
+        assert f"FROM {k} {ckpt} {k} before" in out
+    host.tool("sf-vm", "stop", "ckpt")
+    assert host.vm_json("checkpoints") == []  # a checkpoint ends with its VM
+    assert host.leftovers() == []
+
+
+KILL = (
+    """
+t=$(sf-ticket 2)
+id=$(sf-clone "$t")
+if [ "$id" = 0 ]; then
+  until [ "$(sf-share ls "$t" | wc -l)" = 2 ]; do sleep 1; done
+  echo "CLONES-UP $t"
+  """
+    + GO
+    + """
+  echo "KILLED $(sf-kill "$t")"
+  sf-join "$t"; echo "JOIN-AFTER-KILL rc=$?"
+  sf-exit 0; echo "EXIT-IN-PARENT rc=$?"
+  echo SF-DONE
+else
+  sf-join "$t"; echo "$?" | sf-share put joinrc
+  sleep 100000
+fi
+"""
+)
+
+
+def test_kill_and_a_crashed_clone(host: Host) -> None:
+    info = boot(host, "boss", KILL)
+    out = console(host, "boss", "CLONES-UP")
+    ticket = re.search(r"CLONES-UP (\S+)", out).group(1)  # type: ignore[union-attr]
+    clones = {v["clone_id"]: v for v in host.vm_json("ls") if v["family"] == "boss"}
+    assert sorted(clones) == [1, 2]
+    os.kill(clones[1]["pid"], signal.SIGKILL)  # a fault: clone 1's QEMU dies
+    host.xenstore("xenstore-write", f"/local/domain/{info['domid']}/go", "1")
+    out = console(host, "boss")
+    assert "KILLED 2" in out  # clone 1 had already crashed
+    assert "JOIN-AFTER-KILL rc=4" in out
+    assert "EXIT-IN-PARENT rc=4" in out
+    states = {c["id"]: c["state"] for c in host.vm_json("tickets")[0]["clones"].values()}
+    assert states == {1: "crashed", 2: "killed"}
+    assert vm_names(host) == ["boss"]
+    share = f"/local/domain/{info['domid']}/snowflock/share/{ticket}"
+    joinrc = host.xenstore("xenstore-read", f"{share}/2/joinrc/0")
+    assert base64.b64decode(joinrc.stdout.strip()) == b"4\n"  # sf-join in a clone: refused
+
+
+ERRORS = (
+    """
+sf-ticket 0; echo "TICKET-0 rc=$?"
+sf-ticket 100000; echo "TICKET-HUGE rc=$?"
+sf-join t99-abcdef; echo "JOIN-UNKNOWN rc=$?"
+sf-kill t99-abcdef; echo "KILL-UNKNOWN rc=$?"
+sf-clone t99-abcdef; echo "CLONE-UNKNOWN rc=$?"
+sf-clone --from c99-abcdef "$(sf-ticket 1)"; echo "FROM-UNKNOWN rc=$?"
+t=$(sf-ticket 1)
+sf-join "$t"; echo "JOIN-UNUSED rc=$?"
+echo "FOREIGN $t"
+"""
+    + GO
+    + """
+go=$(python3 -c "from sflib.vm.guestbus import open_bus as o; print(o().read(b'go').decode())")
+sf-clone "$go"
+echo "FOREIGN-USE rc=$?"
+echo SF-DONE
+"""
+)
+
+
+def test_wrong_use_is_refused_and_changes_nothing(host: Host) -> None:
+    a = boot(host, "a", ERRORS)
+    b = boot(host, "b", ERRORS)
+    ticket_of_a = re.search(r"FOREIGN (\S+)", console(host, "a", "FOREIGN")).group(1)  # type: ignore[union-attr]
+    console(host, "b", "FOREIGN")
+    host.xenstore("xenstore-write", f"/local/domain/{a['domid']}/go", "none")
+    host.xenstore("xenstore-write", f"/local/domain/{b['domid']}/go", ticket_of_a)
+    out = console(host, "b")
+    for line in ("TICKET-0 rc=2", "TICKET-HUGE rc=2", "JOIN-UNKNOWN rc=3", "KILL-UNKNOWN rc=3",
+                 "CLONE-UNKNOWN rc=3", "FROM-UNKNOWN rc=3", "JOIN-UNUSED rc=4",
+                 "FOREIGN-USE rc=3"):  # fmt: skip
+        assert line in out, line
+    assert "sf-ticket: error: cannot ask for 0 clones" in out
+    assert vm_names(host) == ["a", "b"]  # no clone was made by any of it
+    assert all(t["state"] == "granted" for t in host.vm_json("tickets"))

@@ -1,0 +1,107 @@
+"""The fork's pure parts (tickets, messages, share chunks) and the hooks contract."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from sflib.errors import NotFoundError, UsageError, WrongStateError
+from sflib.fork import layout
+from sflib.fork.share import CHUNK, chunks
+from sflib.fork.tickets import Clone, CloneState, TicketBook, TicketState
+from sflib.hooks.runner import HookFailed, hooks_in, run_hooks
+
+
+def test_tickets_grant_at_most_the_free_slots() -> None:
+    book = TicketBook(capacity=5)
+    a = book.grant("web", 3)
+    assert (a.requested, a.granted, a.state) == (3, 3, TicketState.GRANTED)
+    b = book.grant("web", 4)
+    assert b.granted == 2  # m <= n: only 2 slots left
+    with pytest.raises(WrongStateError, match="no clone slots free"):
+        book.grant("web", 1)
+    book.end(a)
+    assert book.grant("other", 9).granted == 3  # ended tickets free their slots
+    for bad in (0, -1, 4097):
+        with pytest.raises(UsageError):
+            book.grant("web", bad)
+
+
+def test_tickets_are_their_owners_and_used_once() -> None:
+    book = TicketBook(capacity=4)
+    t = book.grant("web", 1)
+    with pytest.raises(NotFoundError):
+        book.get(t.id, "intruder")  # another VM's ticket is unknown to it
+    with pytest.raises(NotFoundError):
+        book.get("t9-000000", "web")
+    assert book.usable(t.id, "web") is t
+    t.state = TicketState.ACTIVE
+    with pytest.raises(WrongStateError, match="already used"):
+        book.usable(t.id, "web")
+    t.clones = {1: Clone(1, "x"), 2: Clone(2, "y", CloneState.EXITED, 0)}
+    assert not t.finished
+    t.clones[1].state = CloneState.CRASHED
+    assert t.finished
+    assert json.loads(json.dumps(t.to_json()))["clones"]["2"]["status"] == 0
+
+
+def test_request_and_reply_messages() -> None:
+    assert layout.parse_request_path("/local/domain/7/snowflock/requests/12-ab") == (7, "12-ab")
+    assert layout.parse_request_path("/local/domain/7/snowflock/replies/12-ab") is None
+    assert layout.parse_request_path("/local/domain/7/snowflock/requests/a/b") is None
+    req = layout.decode_request(7, "r", layout.encode_request("ticket", {"n": 3}))
+    assert (req.op, req.args) == ("ticket", {"n": 3})
+    for bad in (b"nope", b'{"op": "format-disk"}', b'{"op": "clone", "args": 3}'):
+        with pytest.raises(UsageError):
+            layout.decode_request(7, "r", bad)
+    assert layout.decode_reply(layout.encode_result({"id": 2})) == {"id": 2}
+    with pytest.raises(WrongStateError, match="busy"):
+        layout.decode_reply(layout.encode_error(WrongStateError("busy")))
+
+
+def test_share_chunks_fit_xenstore_values() -> None:
+    data = os.urandom(5000)
+    parts = chunks(data)
+    assert all(len(p) <= 2048 for p in parts)
+    assert b"".join(base64.b64decode(p) for p in parts) == data
+    assert len(parts) == -(-5000 // CHUNK)
+    assert chunks(b"") == [b""]
+
+
+def hook(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_hooks_run_in_order_with_a_clean_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "clone-post.d"
+    out = tmp_path / "out"
+    hook(d, "20-second", f'echo "2 $SF_ID $HOME" >> {out}')
+    hook(d, "10-first", f'echo "1 $SF_ID $SF_FAMILY $SF_HOOKS_PHASE $SF_EXTRA" >> {out}')
+    hook(d, "30-broken", "exit 3")
+    hook(d, "40-after", f"echo 4 >> {out}")
+    hook(d, "skipped.bak", f"echo bak >> {out}")
+    (d / "not-executable").write_text(f"#!/bin/sh\necho nx >> {out}\n")
+    monkeypatch.setenv("SF_EXTRA", "kept")
+    monkeypatch.setenv("HOME", "/secret")
+    assert [p.name for p in hooks_in(d)] == ["10-first", "20-second", "30-broken", "40-after"]
+    failed = run_hooks("clone", "post", {"id": 2, "family": "farm"}, str(tmp_path))
+    assert failed == ["30-broken"]  # reported; the others still ran
+    assert out.read_text().splitlines() == ["1 2 farm post kept", "2 2 ", "4"]
+
+
+def test_a_failing_pre_hook_aborts(tmp_path: Path) -> None:
+    hook(tmp_path / "clone-pre.d", "10-veto", "echo no >&2; exit 1")
+    with pytest.raises(HookFailed, match="10-veto"):
+        run_hooks("clone", "pre", {}, str(tmp_path))
+    assert run_hooks("clone", "post", {}, str(tmp_path)) == []  # no such folder: nothing
