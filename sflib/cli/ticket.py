@@ -30,7 +30,8 @@ def ticket(
     t = api.request_ticket(n)
     if t.granted < t.requested:
         log.warning("granted %d of %d clones", t.granted, t.requested)
-    print(json.dumps(t.__dict__) if as_json else t.id)
+    data = {"ticket": t.id, "granted": t.granted, "requested": t.requested}
+    print(json.dumps(data) if as_json else t.id)
 
 
 if __name__ == "__main__":

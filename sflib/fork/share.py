@@ -14,7 +14,7 @@ import re
 
 from pyxs import Client, PyXSError
 
-from sflib.errors import NotFoundError, UsageError, WrongStateError
+from sflib.errors import NotFoundError, UsageError
 from sflib.fork import layout
 from sflib.fork.api import identity
 from sflib.vm.guestbus import open_bus
@@ -34,15 +34,17 @@ def _check_key(key: str) -> str:
     return key
 
 
-def put(key: str, data: bytes) -> str:
-    """Store data under key in this clone's share folder; returns the path used.
+PARENT = "parent"  # a parent's own results, for the host: snowflock/share/parent/0/<key>
 
-    Raises WrongStateError in a parent.
-    """
+
+def put(key: str, data: bytes) -> str:
+    """Store data under key in this clone's share folder (in a parent: in its own
+    domain, for the host to collect); returns the path used."""
     me = identity()
-    if not me:
-        raise WrongStateError("sf-share put is for clones; this VM is a parent")
-    folder = f"/local/domain/{me['parent_domid']}/{layout.share_dir(me['ticket'], me['id'])}"
+    if me:
+        folder = f"/local/domain/{me['parent_domid']}/{layout.share_dir(me['ticket'], me['id'])}"
+    else:
+        folder = layout.share_dir(PARENT, 0)
     base = f"{folder}/{_check_key(key)}"
     with open_bus() as client:
         parts = chunks(data)
