@@ -145,24 +145,25 @@ class Machine:
     async def resume(self) -> None:
         await self.execute("cont")
 
-    async def save_state(self, path: Path) -> None:
+    async def save_state(self, path: Path, with_ram: bool = False) -> None:
         """Write the device state, without shared RAM, to path (the VM must be paused).
+        with_ram: all of RAM too, as an eager snapshot (virsh save) does.
 
         Raises SystemFailure if QEMU's migration fails.
         """
-        await self._ignore_shared()
+        await self._ignore_shared(not with_ram)
         await self.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
         await self._migration_done()
 
-    async def load_state(self, path: Path) -> None:
+    async def load_state(self, path: Path, with_ram: bool = False) -> None:
         """Load a device state into a VM started with incoming="defer"; stays paused."""
-        await self._ignore_shared()
+        await self._ignore_shared(not with_ram)
         await self.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
         await self._migration_done()
 
-    async def _ignore_shared(self) -> None:
+    async def _ignore_shared(self, ignore: bool) -> None:
         # RAM lives in a shared file: the state stream leaves it out (DESIGN §2).
-        caps = [{"capability": "x-ignore-shared", "state": True}]
+        caps = [{"capability": "x-ignore-shared", "state": ignore}]
         await self.execute("migrate-set-capabilities", {"capabilities": caps})
 
     async def _migration_done(self, timeout: float = 60.0) -> None:
