@@ -93,7 +93,8 @@ lint: deps-python
 	$(VENV)/bin/ruff check sflib tests bench
 	$(VENV)/bin/ruff format --check sflib tests bench
 	$(VENV)/bin/mypy
-	shellcheck -x .ci/run sflib/cli/launcher.sh tests/bats/*.bash completion/bash/*
+	shellcheck -x .ci/run sflib/cli/launcher.sh tests/bats/*.bash completion/bash/* \
+	    hooks.d/*/* demo/*.sh sflib/image/guest-init.sh
 	$(PY) -m sflib.cli.completion --check completion/bash $(EXECUTABLES)
 
 test-unit: deps-python

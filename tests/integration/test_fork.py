@@ -10,9 +10,11 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
+from sflib.image.overlay import overlay
 from tests.integration.conftest import Host
 
 pytestmark = pytest.mark.vm
@@ -200,3 +202,36 @@ def test_wrong_use_is_refused_and_changes_nothing(host: Host) -> None:
     assert "sf-ticket: error: cannot ask for 0 clones" in out
     assert vm_names(host) == ["a", "b"]  # no clone was made by any of it
     assert all(t["state"] == "granted" for t in host.vm_json("tickets"))
+
+
+HOOKED = """
+t=$(sf-ticket 1)
+id=$(sf-clone "$t")
+if [ "$id" = 0 ]; then
+  sf-join "$t" >/dev/null
+  echo "HOSTNAME $(sf-share get "$t" 1 host)"
+  sf-share get "$t" 1 env | sed 's/^/HOOKENV /'
+  echo SF-DONE
+else
+  hostname | sf-share put host
+  sf-share put env /tmp/hook.env
+  sf-exit 0
+fi
+"""
+RECORD_HOOK = "#!/bin/sh\nenv | grep -E '^(SF_|PATH=|HOME=)' | sort > /tmp/hook.env\n"
+
+
+def test_clone_post_hooks_run_in_each_clone_with_its_identity(host: Host, tmp_path: Path) -> None:
+    image = overlay(host.image, tmp_path / "image", {
+        "/etc/snowflock/hooks.d/clone-post.d/50-record": (RECORD_HOOK.encode(), 0o755),
+    })  # fmt: skip
+    b64 = base64.b64encode(HOOKED.encode()).decode()
+    host.vm_json("run", "--name", "hooked", "--image", str(image), "--wait-ready", "--append",
+                 f'sf.run="echo {b64} | base64 -d > /g.sh && sh /g.sh; sleep 100000"')  # fmt: skip
+    out = console(host, "hooked")
+    assert "HOSTNAME hooked-1" in out  # the shipped 05-hostname ran first
+    env = dict(line.split(" ", 1)[1].split("=", 1) for line in out.splitlines()
+               if line.startswith("HOOKENV "))  # fmt: skip
+    assert env["SF_ID"] == "1" and env["SF_FAMILY"] == "hooked"
+    assert env["SF_HOOKS_EVENT"] == "clone" and env["SF_HOOKS_PHASE"] == "post"
+    assert env["SF_TICKET"].startswith("t") and "HOME" not in env  # environment cleared

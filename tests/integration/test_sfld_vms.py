@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,8 +100,8 @@ def test_vm_that_powers_off_is_removed(host: Host) -> None:
     assert host.leftovers() == []
 
 
-def test_qemu_failing_at_start_is_reported_and_leaves_nothing(host: Host) -> None:
-    bad = Path(tempfile.mkdtemp(prefix="sf-img-", dir="/tmp"))
+def test_qemu_failing_at_start_is_reported_and_leaves_nothing(host: Host, tmp_path: Path) -> None:
+    bad = tmp_path
     (bad / "vmlinuz").write_bytes(b"not a kernel")
     (bad / "initrd.img").write_bytes(b"")
     out = host.tool("sf-vm", "run", "--name", "bad", "--image", str(bad), check=False)

@@ -72,3 +72,13 @@ def test_overview_page_lists_every_program() -> None:
     overview = (ROOT / "man" / "snowflock.7.md").read_text()
     for program in PROGRAMS:
         assert f"**{program}**" in overview
+
+
+def test_every_hook_point_is_documented() -> None:
+    """Hook points are <event>-<phase>.d folders; each has a HOOKS section naming it."""
+    points = {p.name for p in (ROOT / "hooks.d").iterdir() if p.is_dir()}
+    assert points == {"clone-post.d"}
+    for point in points:
+        for page in ("sf-clone", "sf-checkpoint"):
+            assert point in section(man_source(page), "HOOKS"), f"{point} not in {page}(1)"
+        assert point in (ROOT / "hooks.d" / "README.md").read_text()

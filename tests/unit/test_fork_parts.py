@@ -7,14 +7,17 @@ import json
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from sflib.errors import NotFoundError, UsageError, WrongStateError
 from sflib.fork import layout
+from sflib.fork.engine import ForkEngine
 from sflib.fork.share import CHUNK, chunks
 from sflib.fork.tickets import Clone, CloneState, TicketBook, TicketState
 from sflib.hooks.runner import HookFailed, hooks_in, run_hooks
+from sflib.xenstore.server import XenStoreServer
 
 
 def test_tickets_grant_at_most_the_free_slots() -> None:
@@ -105,3 +108,16 @@ def test_a_failing_pre_hook_aborts(tmp_path: Path) -> None:
     with pytest.raises(HookFailed, match="10-veto"):
         run_hooks("clone", "pre", {}, str(tmp_path))
     assert run_hooks("clone", "post", {}, str(tmp_path)) == []  # no such folder: nothing
+
+
+async def test_a_second_fork_of_the_same_vm_is_refused(tmp_path: Path) -> None:
+    table = SimpleNamespace(bus=XenStoreServer(), on_end=[])
+    engine = ForkEngine(table, 4, tmp_path)  # type: ignore[arg-type]
+    vm = SimpleNamespace(machine=SimpleNamespace(spec=SimpleNamespace(name="web")))
+    async with engine._forking(vm):  # type: ignore[arg-type]
+        with pytest.raises(WrongStateError, match="already in flight"):
+            async with engine._forking(vm):  # type: ignore[arg-type]
+                pass
+    async with engine._forking(vm):  # type: ignore[arg-type]  (free again)
+        pass
+    await table.bus.close()
