@@ -17,7 +17,10 @@ def overlay(base: Path, out: Path, files: dict[str, tuple[bytes, int]]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     extra = io.BytesIO()
     cpio = CpioWriter(extra)
-    for folder in sorted({str(Path(p).parent) for p in files} - {"/", "."}):
+    # Every ancestor, parents first: the kernel creates no missing folder of a path,
+    # it drops the file (and the base archive comes after this one).
+    folders = {str(parent) for p in files for parent in Path(p).parents} - {"/", "."}
+    for folder in sorted(folders):
         cpio.add_dir(folder.lstrip("/"), 0o755)
     for path, (data, mode) in sorted(files.items()):
         cpio.add_file(path.lstrip("/"), data, mode)

@@ -99,3 +99,22 @@ def test_gzip_compression_is_reproducible(tmp_path: Path) -> None:
     assert gzip.decompress((tmp_path / "1.gz").read_bytes()) == b"data" * 100
     with pytest.raises(Exception, match="unknown compression"):
         compress(src, tmp_path / "3", "lz4")
+
+
+def test_overlay_creates_every_folder_of_a_deep_file(tmp_path: Path) -> None:
+    from sflib.image.overlay import overlay
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for name, data in (("vmlinuz", b"k"), ("manifest.json", b"{}"), ("initrd.img", b"BASE")):
+        (base / name).write_bytes(data)
+    out = overlay(
+        base, tmp_path / "out", {"/etc/snowflock/hooks.d/x.d/50-y": (b"#!/bin/sh\n", 0o755)}
+    )
+    data = (out / "initrd.img").read_bytes()
+    assert data.endswith(b"BASE")
+    entries = parse(data[: -len(b"BASE")])
+    names = [name for name, *_ in entries]
+    expected = ["etc", "etc/snowflock", "etc/snowflock/hooks.d", "etc/snowflock/hooks.d/x.d",
+                "etc/snowflock/hooks.d/x.d/50-y"]  # fmt: skip
+    assert names[: len(expected)] == expected  # the kernel makes no missing parent
