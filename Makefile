@@ -4,6 +4,7 @@
 #   make demo    the main job (see README)
 #   make test    every test: lint, types, man pages, unit, bats, VM integration
 #   make bench   benchmarks that print tables
+#   make cluster a cluster of network-namespace hosts on this machine, until ^C
 #
 # Parts of the suite: make test-unit, make test-bats, make test-vm, make lint.
 
@@ -11,20 +12,22 @@ PYTHON_SYSTEM ?= /usr/bin/python3
 VENV          ?= .venv
 PY            := $(VENV)/bin/python
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc binutils make pandoc bats shellcheck \
-                   xenstore-utils valgrind qemu-system-x86 busybox-static zstd cpio
+                   xenstore-utils valgrind qemu-system-x86 busybox-static zstd cpio \
+                   libfuse3-dev fuse3 pkg-config
 MAN_SOURCES   := $(wildcard man/*.md)
 MAN_PAGES     := $(patsubst man/%.md,build/man/%,$(MAN_SOURCES))
 EXECUTABLES   := $(notdir $(wildcard bin/*))
 
 .PHONY: all c deps deps-debian deps-python man completion demo test test-all test-unit \
-        test-bats test-vm lint bench clean
+        test-bats test-vm lint bench clean cluster
 
 all: deps man completion c
 
 # C and assembly in c/, built warning-free into build/.
 CFLAGS ?= -O2 -g
 CFLAGS += -Wall -Wextra -Werror -std=gnu11
-C_TARGETS := build/kvm-probe.bin build/libsnowflock.a build/sf-ctest
+C_TARGETS := build/kvm-probe.bin build/libsnowflock.a build/sf-ctest build/memserver build/memtap \
+             build/libnohugepage.so
 
 c: $(C_TARGETS)
 
@@ -46,6 +49,20 @@ build/libsnowflock.a: build/snowflock.o
 # Static, so it runs in any guest whatever its libraries (test_c_api.py puts it in one).
 build/sf-ctest: c/sf-ctest.c c/snowflock.h build/libsnowflock.a
 	$(CC) $(CFLAGS) -static -o $@ $< build/libsnowflock.a
+
+# The memory server and memtap (DESIGN §2 step 4), speaking c/memproto.h.
+build/memserver: c/memserver.c c/memproto.h | deps-debian
+	@mkdir -p build
+	$(CC) $(CFLAGS) -o $@ c/memserver.c
+
+build/memtap: c/memtap.c c/memproto.h | deps-debian
+	@mkdir -p build
+	$(CC) $(CFLAGS) $$(pkg-config --cflags fuse3) -o $@ c/memtap.c $$(pkg-config --libs fuse3)
+
+# Preloaded into QEMUs whose RAM is a memtap file (see the file for why).
+build/libnohugepage.so: c/nohugepage.c | deps-debian
+	@mkdir -p build
+	$(CC) $(CFLAGS) -shared -fPIC -o $@ $<
 
 build/sf-unittest: c/sf-unittest.c c/snowflock.h build/libsnowflock.a
 	$(CC) $(CFLAGS) -o $@ $< build/libsnowflock.a
@@ -109,7 +126,11 @@ test-vm: deps
 test-all: deps
 	$(PY) -m pytest -q
 
-test: deps man lint test-c test-bats test-all
+test: deps man c lint test-c test-bats test-all
+
+# A cluster of network-namespace hosts on this machine, until ^C (sf-testcluster(8)).
+cluster: deps man c
+	bin/sf-testcluster run --hosts 3
 
 bench: deps
 	$(PY) bench/xenstore_bench.py

@@ -54,6 +54,10 @@ class SystemFailure(SnowFlockError):
     exit_code = ExitCode.SYSTEM
 
 
+class AuthError(SnowFlockError):
+    """A daemon's peer does not know the cluster's shared secret."""
+
+
 class CommandFailed(SystemFailure):
     """A subprocess exited non-zero; carries its argv, status and stderr."""
 
@@ -76,5 +80,6 @@ _BY_NAME: dict[str, type[SnowFlockError]] = {
         UnreachableError,
         OperationTimeout,
         SystemFailure,
+        AuthError,
     )
 }

@@ -29,12 +29,20 @@ class Paths:
         return self._under("/etc/snowflock/sfld.toml")
 
     @property
+    def secret_file(self) -> Path:
+        return self._under("/etc/snowflock/secret")
+
+    @property
     def hooks_dir(self) -> Path:
         return self._under("/etc/snowflock/hooks.d")
 
     @property
     def state_dir(self) -> Path:
         return self._under("/var/lib/snowflock")
+
+    @property
+    def master_state_dir(self) -> Path:
+        return self._under("/var/lib/snowflock-master")
 
     @property
     def run_dir(self) -> Path:

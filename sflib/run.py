@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +148,11 @@ async def spawn(
     """
     cmd = _prepare(argv)
     try:
-        with log_file.open("ab") as out:
+        out = log_file.open("ab")
+    except OSError as e:
+        raise SystemFailure(f"cannot open {log_file}: {e.strerror}") from e
+    try:
+        with out:
             return await asyncio.create_subprocess_exec(
                 *cmd,
                 stdin=subprocess.DEVNULL,
@@ -160,3 +164,49 @@ async def spawn(
             )
     except OSError as e:
         raise SystemFailure(f"cannot run {cmd[0]}: {e.strerror}") from e
+
+
+async def spawn_ready(
+    argv_for: Callable[[int], Sequence[str | os.PathLike[str]]],
+    *,
+    log_file: Path,
+    timeout: float,
+) -> tuple[asyncio.subprocess.Process, str]:
+    """Start a long-running child that reports readiness s6-style: argv_for(fd) is
+    its command line, given the descriptor it writes one line to once ready.
+
+    Returns the child and that line. If the child exits or stays silent first, it is
+    stopped and SystemFailure (with the end of its log) or OperationTimeout raised.
+    """
+    r, w = os.pipe()
+    try:
+        proc = await spawn(argv_for(w), log_file=log_file, pass_fds=[w])
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    try:
+        line = await asyncio.wait_for(_read_line(r), timeout)
+    except TimeoutError:
+        await terminate_async(proc)
+        raise OperationTimeout(f"{argv_for(w)[0]} not ready within {timeout:g} s") from None
+    if not line.endswith(b"\n"):
+        await terminate_async(proc)
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise SystemFailure(f"{argv_for(w)[0]} failed to start: {tail[0]}")
+    return proc, line.decode().strip()
+
+
+async def _read_line(fd: int) -> bytes:
+    """One line from a pipe without blocking the loop; b"" or a partial line at EOF.
+    Closes fd."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    try:
+        return await reader.readline()
+    finally:
+        transport.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class Setting:
     default: Callable[[Paths], Any]
     help: str
     choices: tuple[str, ...] = ()
+    positive: bool = True  # False: 0 is allowed too (it means "none")
 
     @property
     def option(self) -> str:
@@ -48,8 +50,9 @@ class Setting:
             raise UsageError(f"{origin}: {self.key} must be {kind}, not {value!r}") from None
         if self.choices and result not in self.choices:
             raise UsageError(f"{origin}: {self.key} must be one of {', '.join(self.choices)}")
-        if self.type in (int, float) and result <= 0:
-            raise UsageError(f"{origin}: {self.key} must be positive")
+        if self.type in (int, float) and (result <= 0 if self.positive else result < 0):
+            kind = "positive" if self.positive else "0 or more"
+            raise UsageError(f"{origin}: {self.key} must be {kind}")
         return result
 
 
@@ -90,6 +93,57 @@ SFLD_SETTINGS: tuple[Setting, ...] = (
         "max_clones", int, lambda p: 8, "Clone slots of this host: tickets are granted from them."
     ),
     Setting(
+        "host_name",
+        str,
+        lambda p: socket.gethostname(),
+        "This host's name in the cluster (unique).",
+    ),
+    Setting(
+        "master",
+        str,
+        lambda p: "",
+        "sfmasterd's HOST:PORT; empty: this host alone grants tickets for itself.",
+    ),
+    Setting(
+        "peer_listen",
+        str,
+        lambda p: "127.0.0.1:0",
+        "HOST:PORT where other hosts' sflds reach this one (port 0: any free).",
+    ),
+    Setting(
+        "clone_memory",
+        str,
+        lambda p: "local",
+        "How this host's clones reach a checkpoint's memory: local maps the frozen image; "
+        "memtap fetches it through the memory server, as a clone on another host does.",
+        ("local", "memtap"),
+    ),
+    Setting(
+        "memserver_listen",
+        str,
+        lambda p: "127.0.0.1:0",
+        "HOST:PORT where the memory server serves this host's images (port 0: any free).",
+    ),
+    Setting(
+        "memtap_prefetch",
+        int,
+        lambda p: 8,
+        "Pages memtap fetches past each missing page it is asked for (0: none).",
+        positive=False,
+    ),
+    Setting(
+        "memtap_timeout",
+        float,
+        lambda p: 10.0,
+        "Seconds memtap waits for the memory server before a read fails.",
+    ),
+    Setting(
+        "secret_file",
+        Path,
+        lambda p: p.secret_file,
+        "The cluster's shared secret, the same on every host (created if missing).",
+    ),
+    Setting(
         "ready_timeout",
         float,
         lambda p: 300.0,
@@ -105,11 +159,14 @@ def resolve(
     config_file: Path | None,
     cli: Mapping[str, object],
     environ: Mapping[str, str] | None = None,
+    table: str = "sfld",
 ) -> dict[str, Any]:
-    """Every setting's value. An explicit config_file must exist; the default need not."""
+    """Every setting's value. An explicit config_file must exist; the default
+    ($SF_ROOTDIR/etc/snowflock/<table>.toml) need not."""
     env = os.environ if environ is None else environ
     values = {s.key: s.default(paths) for s in settings}
-    values.update(_from_file(settings, config_file or paths.config_file, config_file is not None))
+    default_file = paths.config_file.with_name(f"{table}.toml")
+    values.update(_from_file(settings, config_file or default_file, config_file is not None, table))
     for s in settings:
         if s.env in env:
             values[s.key] = s.parse(env[s.env], f"${s.env}")
@@ -118,7 +175,9 @@ def resolve(
     return values
 
 
-def _from_file(settings: tuple[Setting, ...], path: Path, required: bool) -> dict[str, Any]:
+def _from_file(
+    settings: tuple[Setting, ...], path: Path, required: bool, table_name: str
+) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -127,17 +186,17 @@ def _from_file(settings: tuple[Setting, ...], path: Path, required: bool) -> dic
         return {}
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise UsageError(f"{path}: {e}") from e
-    table = data.get("sfld", {})
-    unknown = set(data) - {"sfld"} | set(table) - {s.key for s in settings}
+    table = data.get(table_name, {})
+    unknown = set(data) - {table_name} | set(table) - {s.key for s in settings}
     if unknown:
         raise UsageError(f"{path}: unknown setting(s): {', '.join(sorted(unknown))}")
     by_key = {s.key: s for s in settings}
     return {k: by_key[k].parse(v, str(path)) for k, v in table.items()}
 
 
-def to_toml(settings: tuple[Setting, ...], values: Mapping[str, Any]) -> str:
+def to_toml(settings: tuple[Setting, ...], values: Mapping[str, Any], table: str = "sfld") -> str:
     """The effective configuration as a config file would say it."""
-    return "[sfld]\n" + "".join(f"{s.key} = {_toml_value(values[s.key])}\n" for s in settings)
+    return f"[{table}]\n" + "".join(f"{s.key} = {_toml_value(values[s.key])}\n" for s in settings)
 
 
 def _toml_value(value: object) -> str:
@@ -146,3 +205,18 @@ def _toml_value(value: object) -> str:
     if isinstance(value, int | float):
         return str(value)
     return json.dumps(str(value))  # a TOML basic string is a JSON string
+
+
+# fmt: off
+MASTER_SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", str, lambda p: "127.0.0.1:7000",
+            "HOST:PORT where the hosts' sflds reach the master."),
+    Setting("state_dir", Path, lambda p: p.master_state_dir,
+            "Where the master keeps its database (master.db)."),
+    Setting("secret_file", Path, lambda p: p.secret_file,
+            "The cluster's shared secret, the same on every host (must exist)."),
+    Setting("heartbeat", float, lambda p: 1.0, "Seconds between a host's heartbeats."),
+    Setting("host_timeout", float, lambda p: 5.0,
+            "A host silent this long is dead: its slots and its clones are lost."),
+)
+# fmt: on

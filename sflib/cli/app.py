@@ -6,17 +6,21 @@ and an exit status from sflib.exitcodes; tracebacks only with --debug.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable
-from typing import Annotated, NoReturn
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import click
 import typer
 
 from sflib import log as sflog
-from sflib.errors import SnowFlockError
+from sflib.errors import SnowFlockError, UsageError
 from sflib.exitcodes import ExitCode
+from sflib.settings import Setting, to_toml
 
 DebugOption = Annotated[
     bool, typer.Option("--debug", help="Log debug messages and show tracebacks on errors.")
@@ -71,3 +75,37 @@ def main(program: str, app: typer.Typer | Callable[..., object]) -> NoReturn:
     except KeyboardInterrupt:
         fail(program, "interrupted", ExitCode.FAILED)
     sys.exit(int(ExitCode.OK))
+
+
+def setting_option(setting: Setting) -> click.Option:
+    """The command-line option of a setting (sflib.settings)."""
+    kind: Any = (
+        click.Choice(setting.choices)
+        if setting.choices
+        else click.Path(path_type=str)
+        if setting.type is Path
+        else setting.type
+    )
+    where = f"[TOML: {setting.key}; env: {setting.env}]"
+    return click.Option([setting.option], type=kind, default=None, help=f"{setting.help} {where}")
+
+
+def notify_ready(fd: int | None) -> None:
+    """s6-style readiness: a newline on fd, which is then closed."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"\n")
+        os.close(fd)
+    except OSError as e:
+        raise UsageError(f"--ready-fd {fd}: {e.strerror}") from e
+
+
+def show_config(settings: tuple[Setting, ...], values: dict[str, Any], as_json: bool,
+                 table: str) -> None:  # fmt: skip
+    """--print-config: the effective settings as TOML, or as JSON."""
+    if as_json:
+        print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in values.items()},
+                         indent=2))  # fmt: skip
+    else:
+        sys.stdout.write(to_toml(settings, values, table))

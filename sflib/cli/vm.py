@@ -166,6 +166,17 @@ def tickets(as_json: JsonOption = False) -> None:
 
 
 @app.command()
+def memory(as_json: JsonOption = False) -> None:
+    """Show the memory server's address and the memtap mounts of this host's clones."""
+    info = _Context.client.call("memory.stats")
+    lines = [f"memserver: {info['memserver'] or '-'}"]
+    lines += [f"tap {t['image']} from {t['server']}: {t.get('pages_cached', '?')}/"
+              f"{t.get('pages', '?')} pages cached, {t.get('pages_fetched', '?')} fetched, "
+              f"users {' '.join(t['users'])}" for t in info["taps"]]  # fmt: skip
+    _print(info, as_json, "\n".join(lines))
+
+
+@app.command()
 def status(as_json: JsonOption = False) -> None:
     """Show sfld's version, accelerator and VM count."""
     info = _Context.client.call("status")

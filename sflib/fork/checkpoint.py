@@ -44,14 +44,15 @@ class MemoryImage:
 
     path: Path
     users: set[str] = field(default_factory=set)
+    owned: bool = True  # False: another host's image, seen through memtap
 
     def use(self, user: str) -> None:
         self.users.add(user)
 
     def release(self, user: str) -> None:
-        """Forget a user; the last one out removes the file."""
+        """Forget a user; the last one out removes the file (if it is ours)."""
         self.users.discard(user)
-        if not self.users:
+        if not self.users and self.owned:
             self.path.unlink(missing_ok=True)
             log.debug("memory image %s removed", self.path)
 

@@ -14,10 +14,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from sflib.cluster.link import ClusterLink
 from sflib.errors import NotFoundError, SnowFlockError, SystemFailure, UsageError, WrongStateError
 from sflib.fork import layout, mechanics
 from sflib.fork.checkpoint import Checkpoint
+from sflib.fork.hosted import HostedClones
+from sflib.fork.mechanics import CloneOrder
+from sflib.fork.remote import RemoteClones
 from sflib.fork.tickets import Clone, CloneState, Ticket, TicketBook, TicketState
+from sflib.memory.service import MemoryService
 from sflib.sfld.vms import VM, VMTable
 from sflib.xenstore.wire import XenStoreError
 
@@ -27,8 +32,12 @@ NO_REPLY = object()  # the handler answered by itself
 
 
 class ForkEngine:
-    def __init__(self, vms: VMTable, max_clones: int, state_dir: Path) -> None:
+    def __init__(self, vms: VMTable, max_clones: int, state_dir: Path,
+                 memory: MemoryService | None = None, tapped: bool = False,
+                 cluster: ClusterLink | None = None) -> None:  # fmt: skip
         self.vms = vms
+        self.memory = memory
+        self.tap_local = tapped  # this host's clones map their memory through memtap
         self.bus = vms.bus
         self.book = TicketBook(max_clones)
         self.checkpoints: dict[str, Checkpoint] = {}
@@ -37,12 +46,26 @@ class ForkEngine:
         self.finished: dict[str, asyncio.Event] = {}  # per ticket: all clones ended
         self._tasks: set[asyncio.Task[None]] = set()
         self._serial = 0
+        self.tapped: dict[str, tuple[str, str]] = {}  # clone VM -> (server, image) it maps
+        self.cluster = cluster
+        self.here = cluster.host if cluster else "local"
+        self.remote: RemoteClones | None = None
+        self.hosted: HostedClones | None = None
+        if cluster is not None and memory is not None:
+            self.remote = RemoteClones(self.book, self.bus, memory, cluster)
+            self.hosted = HostedClones(vms, memory, cluster, vms.settings["qemu"],
+                                       self.checkpoint_dir)  # fmt: skip
+            cluster.on_dead = self._hosts_dead
         vms.on_end.append(self._vm_ended)
         self.bus.local.watch("/local/domain", b"sf-requests", self._on_event)
 
     # Plumbing ---------------------------------------------------------------
 
     def _on_event(self, path: str, _token: bytes) -> None:
+        shared = layout.parse_share_done(path)
+        if shared is not None and self.hosted is not None:
+            self.hosted.on_share(*shared)
+            return
         parsed = layout.parse_request_path(path)
         if parsed is None:
             return
@@ -86,7 +109,14 @@ class ForkEngine:
     # The seven calls ------------------------------------------------------------
 
     async def _op_ticket(self, vm: VM, request: layout.Request) -> Any:
-        ticket = self.book.grant(vm.machine.spec.name, _int(request.args, "n"))
+        n = _int(request.args, "n")
+        if self.cluster is None:
+            ticket = self.book.grant(vm.machine.spec.name, n)
+        else:
+            granted = await self.cluster.grant(vm.machine.spec.name, n)
+            ticket = self.book.adopt(Ticket(granted["ticket"], vm.machine.spec.name, n,
+                                            granted["granted"], placement=granted["placement"],
+                                            addresses=granted["addresses"]))  # fmt: skip
         self.finished[ticket.id] = asyncio.Event()
         return {"ticket": ticket.id, "granted": ticket.granted, "requested": ticket.requested}
 
@@ -97,7 +127,7 @@ class ForkEngine:
             self.checkpoints[ckpt.id] = ckpt
             ticket.pause_ms, ticket.checkpoint = ckpt.pause_ms, ckpt.id
             self._reply(vm.machine.spec.domid, request.rid, layout.encode_result({"id": 0}))
-            await self._spawn(vm, ckpt, ticket, lambda k: {"id": k})
+            await self._spawn(vm, ckpt, ticket, {})
         return NO_REPLY
 
     async def _op_checkpoint(self, vm: VM, request: layout.Request) -> Any:
@@ -113,22 +143,25 @@ class ForkEngine:
             raise NotFoundError(f"no checkpoint {request.args['checkpoint']}")
         ticket = self.book.usable(_str(request.args, "ticket"), vm.machine.spec.name)
         async with self._forking(vm):
-            await self._spawn(vm, ckpt, ticket, lambda k: {"checkpoint": ckpt.id, "id": k})
+            await self._spawn(vm, ckpt, ticket, {"checkpoint": ckpt.id})
         return {"id": 0, "clones": len(ticket.clones)}
 
     async def _op_exit(self, vm: VM, request: layout.Request) -> Any:
-        ticket, clone_id = self._clone_of(vm, "sf-exit")
-        status = _int(request.args, "status", low=0, high=255)
-        clone = ticket.clones[clone_id]
-        clone.state, clone.status = CloneState.EXITED, status
+        if self.hosted is not None and self.hosted.of(vm) is not None:
+            status = _int(request.args, "status", low=0, high=255)
+            self.hosted.exited(vm, status)  # its parent's host keeps the ticket
+        else:
+            ticket, clone_id = self._clone_of(vm, "sf-exit")
+            status = _int(request.args, "status", low=0, high=255)
+            clone = ticket.clones[clone_id]
+            clone.state, clone.status = CloneState.EXITED, status
         asyncio.get_running_loop().call_later(0.05, self._stop_soon, vm.machine.spec.name)
         return {"status": status}
 
     async def _op_join(self, vm: VM, request: layout.Request) -> Any:
         ticket = self._ended_by_parent(vm, request, "sf-join")
         await self.finished[ticket.id].wait()
-        self.book.end(ticket)
-        self._drop_checkpoints_of(ticket)
+        await self._end(ticket)
         return ticket.to_json()
 
     async def _op_kill(self, vm: VM, request: layout.Request) -> Any:
@@ -136,10 +169,20 @@ class ForkEngine:
         running = [c for c in ticket.clones.values() if c.state == CloneState.RUNNING]
         for clone in running:
             clone.state = CloneState.KILLED
-        await asyncio.gather(*(self._stop_vm(c.vm) for c in running))
+        await asyncio.gather(*(self._stop_vm(c.vm) for c in running if c.host is None),
+                             self._stop_remote(ticket, running))  # fmt: skip
+        await self._end(ticket)
+        return ticket.to_json()
+
+    async def _end(self, ticket: Ticket) -> None:
         self.book.end(ticket)
         self._drop_checkpoints_of(ticket)
-        return ticket.to_json()
+        if self.cluster is not None:
+            await self.cluster.release(ticket.id)
+
+    async def _stop_remote(self, ticket: Ticket, clones: list[Clone]) -> None:
+        if self.remote is not None:
+            await self.remote.stop(ticket, clones)
 
     # Helpers --------------------------------------------------------------------
 
@@ -166,28 +209,58 @@ class ForkEngine:
                  ckpt.id)  # fmt: skip
         return ckpt
 
-    async def _spawn(self, parent: VM, ckpt: Checkpoint, ticket: Ticket, reply: Any) -> None:
+    async def _spawn(self, parent: VM, ckpt: Checkpoint, ticket: Ticket,
+                     reply: dict[str, Any]) -> None:  # fmt: skip
+        """Start ticket's clones here and on the hosts the master chose."""
         ticket.state = TicketState.CLONING
-        for k in range(1, ticket.granted + 1):
-            name = f"{ticket.id}-{k}"
-            try:
-                clone = await mechanics.restore_clone(self.vms, parent, ckpt, name, k)
-            except SnowFlockError as e:
-                log.warning("clone %d of ticket %s did not start: %s", k, ticket.id, e)
-                ticket.clones[k] = _crashed(k, name)
-                continue
-            ticket.clones[k] = _running(k, name)
-            self.vms.register(clone)
-            if ticket.state == TicketState.ENDED:  # killed while we were cloning
-                ticket.clones[k].state = CloneState.KILLED
-                self._stop_soon(name)
-                continue
-            self._introduce(parent, clone, ticket, k)
-            await clone.machine.resume()
-            self._reply(clone.machine.spec.domid, ckpt.rid, layout.encode_result(reply(k)))
+        ids = ticket.ids_by_host(self.here)
+        remote = None
+        if self.remote is not None and set(ids) - {self.here}:
+            remote = asyncio.create_task(
+                self.remote.spawn(
+                    ticket, ckpt, parent.machine.spec.domid, parent.machine.spec.name, reply, ids
+                )
+            )
+        for k in ids.get(self.here, []):
+            await self._spawn_here(parent, ckpt, ticket, k, reply)
+        if remote is not None:
+            await remote
         if ticket.state != TicketState.ENDED:
             ticket.state = TicketState.ACTIVE
         self._check_finished(ticket)
+
+    async def _spawn_here(self, parent: VM, ckpt: Checkpoint, ticket: Ticket, k: int,
+                          reply: dict[str, Any]) -> None:  # fmt: skip
+        name = f"{ticket.id}-{k}"
+        try:
+            order = CloneOrder(name, k, parent.machine.spec.name, await self._tap(ckpt, name))
+            clone = await mechanics.restore_clone(self.vms, parent.machine.qemu, ckpt, order)
+        except SnowFlockError as e:
+            log.warning("clone %d of ticket %s did not start: %s", k, ticket.id, e)
+            await self._untap(name)
+            ticket.clones[k] = _crashed(k, name)
+            return
+        ticket.clones[k] = _running(k, name)
+        self.vms.register(clone)
+        if ticket.state == TicketState.ENDED:  # killed while we were cloning
+            ticket.clones[k].state = CloneState.KILLED
+            self._stop_soon(name)
+            return
+        self._introduce(parent, clone, ticket, k)
+        await clone.machine.resume()
+        self._reply(clone.machine.spec.domid, ckpt.rid, layout.encode_result({**reply, "id": k}))
+
+    async def _tap(self, ckpt: Checkpoint, name: str) -> Path | None:
+        """The memtap file clone name maps, or None to map the frozen image itself."""
+        if self.memory is None or not self.tap_local:
+            return None
+        server, image = await self.memory.export(), ckpt.image.path.name
+        self.tapped[name] = (server, image)
+        return await self.memory.attach(server, image, name)
+
+    async def _untap(self, name: str) -> None:
+        if self.memory is not None and name in self.tapped:
+            await self.memory.detach(*self.tapped.pop(name), name)
 
     def _introduce(self, parent: VM, clone: VM, ticket: Ticket, k: int) -> None:
         """Tell a clone who it is, and give it its corner of the family's share."""
@@ -239,7 +312,10 @@ class ForkEngine:
     async def _vm_ended(self, vm: VM) -> None:
         name = vm.machine.spec.name
         self.busy.discard(name)
-        if vm.clone_id is not None:
+        await self._untap(name)
+        if self.hosted is not None and self.hosted.of(vm) is not None:
+            await self.hosted.ended(vm)
+        elif vm.clone_id is not None:
             ticket = self.book.tickets.get(name.rsplit("-", 1)[0])
             if ticket is not None and vm.clone_id in ticket.clones:
                 clone = ticket.clones[vm.clone_id]
@@ -249,11 +325,15 @@ class ForkEngine:
                 self._check_finished(ticket)
         for ticket in self.book.of_owner(name):  # a parent gone takes its family along
             if ticket.state != TicketState.ENDED:
-                for clone in ticket.clones.values():
-                    if clone.state == CloneState.RUNNING:
-                        clone.state = CloneState.KILLED
+                running = [c for c in ticket.clones.values() if c.state == CloneState.RUNNING]
+                for clone in running:
+                    clone.state = CloneState.KILLED
+                    if clone.host is None:
                         self._stop_soon(clone.vm)
+                await self._stop_remote(ticket, running)
                 self.book.end(ticket)
+                if self.cluster is not None:
+                    await self.cluster.release(ticket.id)
                 self.finished[ticket.id].set()
         for ckpt in [c for c in self.checkpoints.values() if c.owner == name]:
             self.checkpoints.pop(ckpt.id).remove()
@@ -266,6 +346,40 @@ class ForkEngine:
         ckpt = self.checkpoints.get(ticket.checkpoint or "")
         if ckpt is not None and not ckpt.named:
             self.checkpoints.pop(ckpt.id).remove()
+
+    # Calls from other hosts' sflds (sflib.cluster.wire) -----------------------------
+
+    async def peer_dispatch(self, op: str, args: dict[str, Any]) -> Any:
+        if self.remote is None or self.hosted is None:
+            raise UsageError("this sfld is not part of a cluster")
+        if op == "clone.start":
+            return await self.hosted.start(args, self._reply_result)
+        if op == "clone.stop":
+            return await self.hosted.stop([str(n) for n in args.get("names", [])])
+        if op == "clone.ended":
+            self._check_finished(self.remote.ended(args))
+            return {}
+        if op == "share.put":
+            self.remote.share(args, self._parent_domid(args))
+            return {}
+        raise UsageError(f"unknown request {op!r}")
+
+    def _parent_domid(self, args: dict[str, Any]) -> int:
+        ticket = self.book.tickets.get(str(args.get("ticket")))
+        parent = self.vms.vms.get(ticket.owner) if ticket else None
+        if parent is None:
+            raise NotFoundError(f"no parent of ticket {args.get('ticket')} here")
+        return parent.machine.spec.domid
+
+    def _reply_result(self, domid: int, rid: str, result: Any) -> None:
+        self._reply(domid, rid, layout.encode_result(result))
+
+    async def _hosts_dead(self, hosts: list[str]) -> None:
+        if self.remote is not None:
+            for ticket in self.remote.hosts_dead(hosts):
+                self._check_finished(ticket)
+        if self.hosted is not None:
+            await self.hosted.owners_dead(hosts)
 
     # For sf-vm --------------------------------------------------------------------
 

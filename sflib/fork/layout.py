@@ -45,6 +45,19 @@ def share_dir(ticket: str, clone_id: int) -> str:
     return f"{SHARE}/{ticket}/{clone_id}"
 
 
+_SHARE_DONE = re.compile(
+    r"^/local/domain/(\d+)/snowflock/share/([A-Za-z0-9_-]{1,64})/(\d+)/([A-Za-z0-9_-]{1,64})/chunks$"
+)
+
+
+def parse_share_done(path: str) -> tuple[int, str, int, str] | None:
+    """(domid, ticket, clone id, key) if path is the last key a share put writes."""
+    match = _SHARE_DONE.match(path)
+    if not match:
+        return None
+    return int(match.group(1)), match.group(2), int(match.group(3)), match.group(4)
+
+
 def parse_request_path(path: str) -> tuple[int, str] | None:
     """(domid, rid) if path is a request key, else None."""
     match = _REQUEST_PATH.match(path)

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from sflib.fork.checkpoint import Checkpoint, MemoryImage, machine_of, materialise
+from sflib.memory import tap
 from sflib.sfld.vms import VM, VMState, VMTable
 from sflib.vm.machine import Machine
 from sflib.xenstore import snapshot
@@ -90,19 +91,33 @@ async def _undo_freeze(old: Machine, ckpt: Checkpoint) -> None:
     ckpt.remove()
 
 
-async def restore_clone(vms: VMTable, parent: VM, ckpt: Checkpoint, name: str, clone_id: int) -> VM:
+@dataclasses.dataclass(frozen=True)
+class CloneOrder:
+    """What a clone is: its VM name, its ID, its family (the parent VM's name) and,
+    for a clone through memtap, the file it maps instead of the checkpoint's image."""
+
+    name: str
+    clone_id: int
+    family: str
+    memory: Path | None = None
+
+
+async def restore_clone(vms: VMTable, qemu: str, ckpt: Checkpoint, order: CloneOrder) -> VM:
     """A new VM from ckpt, paused, its domain a copy of the checkpointed one.
 
     Raises SnowFlockError (and leaves nothing behind) if QEMU cannot start.
     """
+    name = order.name
     domid = vms.allocate_domid()
-    files = dataclasses.replace(vms.files(name), memory=ckpt.image.path, owns_memory=False)
+    files = dataclasses.replace(vms.files(name), memory=order.memory or ckpt.image.path,
+                                owns_memory=False)  # fmt: skip
     files.console_log.parent.mkdir(parents=True, exist_ok=True)
-    machine = Machine(parent.machine.qemu, ckpt.spec_for(name, domid), files, vms.bus,
-                      files.extra["qemu_log"])  # fmt: skip
+    machine = Machine(qemu, ckpt.spec_for(name, domid), files, vms.bus, files.extra["qemu_log"])
     machine.restore_from = ckpt.snapshot
-    clone = VM(machine, parent.image, state=VMState.READY, family=parent.machine.spec.name,
-               clone_id=clone_id)  # fmt: skip
+    if order.memory is not None:
+        machine.env = tap.qemu_environment()
+    clone = VM(machine, Path(ckpt.machine["kernel"]).parent, state=VMState.READY,
+               family=order.family, clone_id=order.clone_id)  # fmt: skip
     clone.ready.set()
     vms.reserve(clone)
     try:

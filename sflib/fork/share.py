@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 
 from pyxs import Client, PyXSError
 
@@ -59,11 +60,16 @@ def get(ticket: str, clone_id: int, key: str) -> bytes:
     base = f"{layout.share_dir(ticket, clone_id)}/{_check_key(key)}"
     with open_bus() as client:
         try:
-            count = int(client.read(f"{base}/chunks".encode()))
-            return b"".join(base64.b64decode(client.read(f"{base}/{i}".encode()))
-                            for i in range(count))  # fmt: skip
+            parts = read_chunks(lambda path: bytes(client.read(path.encode())), base)
         except PyXSError:
             raise NotFoundError(f"clone {clone_id} of {ticket} shared no {key}") from None
+    return b"".join(base64.b64decode(part) for part in parts)
+
+
+def read_chunks(read: Callable[[str], bytes], base: str) -> list[bytes]:
+    """The base64 chunks of the value stored at base (read: a XenStore read).
+    Raises what read raises, ValueError for a bad count."""
+    return [read(f"{base}/{i}") for i in range(int(read(f"{base}/chunks")))]
 
 
 def keys(ticket: str) -> dict[int, list[str]]:

@@ -36,9 +36,11 @@ class Clone:
     vm: str
     state: CloneState = CloneState.RUNNING
     status: int | None = None
+    host: str | None = None  # another host that runs it; None: this one
 
     def to_json(self) -> dict[str, object]:
-        return {"id": self.id, "vm": self.vm, "state": str(self.state), "status": self.status}
+        return {"id": self.id, "vm": self.vm, "state": str(self.state), "status": self.status,
+                "host": self.host}  # fmt: skip
 
 
 @dataclass
@@ -51,6 +53,8 @@ class Ticket:
     clones: dict[int, Clone] = field(default_factory=dict)
     pause_ms: float | None = None
     checkpoint: str | None = None  # what its clones were made from
+    placement: dict[str, int] = field(default_factory=dict)  # host: clones; {}: all here
+    addresses: dict[str, str] = field(default_factory=dict)  # host: its sfld's address
 
     @property
     def finished(self) -> bool:
@@ -60,7 +64,17 @@ class Ticket:
     def to_json(self) -> dict[str, object]:
         return {"ticket": self.id, "owner": self.owner, "requested": self.requested,
                 "granted": self.granted, "state": str(self.state), "pause_ms": self.pause_ms,
+                "placement": self.placement,
                 "clones": {str(k): c.to_json() for k, c in self.clones.items()}}  # fmt: skip
+
+    def ids_by_host(self, here: str) -> dict[str, list[int]]:
+        """Which clone IDs (1..granted) each host runs, in placement order."""
+        placement = self.placement or {here: self.granted}
+        ids, k = {}, 1
+        for host, count in placement.items():
+            ids[host] = list(range(k, k + count))
+            k += count
+        return ids
 
 
 class TicketBook:
@@ -85,6 +99,11 @@ class TicketBook:
                                   hint="join or kill a ticket first")  # fmt: skip
         self._serial += 1
         ticket = Ticket(f"t{self._serial}-{secrets.token_hex(3)}", owner, n, min(n, free))
+        self.tickets[ticket.id] = ticket
+        return ticket
+
+    def adopt(self, ticket: Ticket) -> Ticket:
+        """Keep a ticket the master granted (the cluster's slots, not this host's)."""
         self.tickets[ticket.id] = ticket
         return ticket
 

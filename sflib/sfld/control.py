@@ -79,7 +79,7 @@ async def serve(path: Path, dispatch: Dispatch) -> asyncio.Server:
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
-                writer.write(await _answer(line, dispatch))
+                writer.write(await answer(line, dispatch))
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError) as e:
             log.info("control client dropped: %s", e)
@@ -92,7 +92,8 @@ async def serve(path: Path, dispatch: Dispatch) -> asyncio.Server:
     return server
 
 
-async def _answer(line: bytes, dispatch: Dispatch) -> bytes:
+async def answer(line: bytes, dispatch: Dispatch) -> bytes:
+    """The reply line to one request line."""
     try:
         op, args = decode_request(line)
         return encode_result(await dispatch(op, args))

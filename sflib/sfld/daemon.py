@@ -9,14 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import signal
 from pathlib import Path
 from typing import Any
 
 from sflib import __version__
-from sflib.errors import SystemFailure, UsageError
+from sflib.cluster.link import ClusterLink
+from sflib.cluster.wire import read_secret
+from sflib.errors import SystemFailure, UsageError, WrongStateError
 from sflib.fork.checkpoint import describe
 from sflib.fork.engine import ForkEngine
+from sflib.memory.server import split_address
+from sflib.memory.service import MemoryService, TapSettings
 from sflib.sfld import control
 from sflib.sfld.vms import VMRequest, VMTable
 from sflib.vm.accel import Accel, AccelChoice, choose
@@ -53,8 +59,12 @@ class Daemon:
         except OSError as e:
             raise SystemFailure(f"cannot create sfld's folders: {e}") from e
         self.vms.recover()
+        self.memory = self._memory_service()
+        self.memory.recover()
+        self.cluster = self._cluster_link()
         self.fork = ForkEngine(self.vms, self.settings["max_clones"],
-                               Path(self.settings["state_dir"]))  # fmt: skip
+                               Path(self.settings["state_dir"]), self.memory,
+                               self.settings["clone_memory"] == "memtap", self.cluster)  # fmt: skip
         await self._listen()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -65,10 +75,28 @@ class Daemon:
         await self.stopping.wait()
         await self._shutdown()
 
+    def _cluster_link(self) -> ClusterLink | None:
+        s = self.settings
+        if not s["master"]:
+            return None
+        split_address(s["master"])
+        split_address(s["peer_listen"])
+        secret = read_secret(Path(s["secret_file"]))
+        return ClusterLink(s["host_name"], s["master"], s["peer_listen"], secret, s["max_clones"])
+
+    def _memory_service(self) -> MemoryService:
+        s = self.settings
+        secret = ensure_secret(Path(s["secret_file"]))
+        taps = TapSettings(secret, s["memtap_prefetch"], s["memtap_timeout"])
+        return MemoryService(Path(s["memory_dir"]), Path(s["state_dir"]) / "memory",
+                             s["memserver_listen"], taps)  # fmt: skip
+
     async def _listen(self) -> None:
         try:
             await self.bus.listen_unix(self.xenstored_socket)
             self.control = await control.serve(self.control_socket, self.dispatch)
+            if self.cluster is not None:
+                await self.cluster.start(self.fork.peer_dispatch)
         except OSError as e:
             raise SystemFailure(f"cannot listen in {self.run_dir}: {e.strerror}") from e
 
@@ -77,11 +105,23 @@ class Daemon:
         await control.close_server(self.control, self.control_socket)
         assert self.vms is not None
         await self.vms.stop_all()
+        if self.fork.hosted is not None:
+            await self.fork.hosted.drain()
+        if self.cluster is not None:
+            await self.cluster.close()
+        await self.memory.close()
         await self.bus.close()
         self.xenstored_socket.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # kept if something is still in it
             self.vms.memory_dir.rmdir()
         log.info("stopped")
+
+    def _cluster_status(self) -> dict[str, Any]:
+        link = self.cluster
+        if link is None:
+            return {"host": None, "master": None}
+        return {"host": link.host, "address": link.address, "master": link.master.address,
+                "registered": link.registered, "dead_hosts": sorted(link.dead)}  # fmt: skip
 
     # Control requests ---------------------------------------------------------
 
@@ -111,7 +151,20 @@ class Daemon:
             return describe(self.fork.checkpoint_dir, str(args.get("checkpoint")))
         if op == "ticket.list":
             return self.fork.list_tickets()
+        if op == "memory.stats":
+            return await self.memory.stats()
+        if op == "cluster.status":
+            return self._cluster_status()
+        if op in _MASTER_CALLS:
+            if self.cluster is None:
+                raise WrongStateError("this sfld is not part of a cluster", hint="set master")
+            return await self.cluster.master.call(_MASTER_CALLS[op])
         raise UsageError(f"unknown request {op!r}")
+
+
+# What sf-cluster asks the master through this sfld (which holds the secret).
+_MASTER_CALLS = {"cluster.hosts": "host.list", "cluster.tickets": "ticket.list",
+                 "cluster.master": "status"}  # fmt: skip
 
 
 def _name(args: dict[str, Any]) -> str:
@@ -119,3 +172,19 @@ def _name(args: dict[str, Any]) -> str:
     if not isinstance(name, str):
         raise UsageError("a VM name is required")
     return name
+
+
+def ensure_secret(path: Path) -> Path:
+    """The shared secret file, made (random, mode 0600) if there is none yet.
+
+    Raises SystemFailure."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+            log.info("created the shared secret %s: copy it to every host", path)
+    except OSError as e:
+        raise SystemFailure(f"cannot create the shared secret {path}: {e.strerror}") from e
+    return path

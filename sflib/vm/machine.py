@@ -41,6 +41,7 @@ class Machine:
         self.qmp = QMPClient(spec.name)
         self.channel: Connection | None = None  # set beforehand to continue a session
         self.restore_from: DomainSnapshot | None = None  # set beforehand for a clone
+        self.env: dict[str, str] | None = None  # QEMU's environment, if not ours
         self.bus_connected = asyncio.Event()
         self._xenbus_server: asyncio.Server | None = None
         self._stop_lock = asyncio.Lock()
@@ -62,7 +63,7 @@ class Machine:
         """Start QEMU and connect QMP. Raises SystemFailure or OperationTimeout."""
         try:
             await self._listen()
-            self.proc = await run.spawn(self.argv, log_file=self.qemu_log)
+            self.proc = await run.spawn(self.argv, log_file=self.qemu_log, env=self.env)
             self.log.info("started QEMU, pid %d", self.proc.pid)
             await self._accept_qmp()
         except BaseException:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from sflib.cluster.testbed import Testbed
 from sflib.image import build as image
 from sflib.image.initramfs import default_compression
 from sflib.paths import Paths
@@ -107,23 +112,28 @@ class Host:
         found += [str(p) for p in self.run_dir.glob("*.xenbus")]
         found += [str(p) for p in (self.root / "var/lib/snowflock/vms").glob("*")]
         found += qemu_processes(self.memory_dir)
+        found += memtap_mounts(self.memory_dir)
+        found += processes(f"build/(memserver|memtap) .*{self.memory_dir}( |/)")
         return found
 
 
 def qemu_processes(memory_dir: Path) -> list[str]:
     """QEMUs whose command line mentions memory_dir (so: of that host)."""
-    out = subprocess.run(["pgrep", "-af", f"qemu-system.*{memory_dir}/"], capture_output=True,
-                         text=True, check=False)  # fmt: skip
+    return processes(f"qemu-system.*{memory_dir}/")
+
+
+def processes(pattern: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True, check=False)
     return out.stdout.splitlines()
 
 
-@pytest.fixture
-def host(guest_image: image.Result) -> Iterator[Host]:
-    """A running sfld (TCG) with its own root; on teardown, SIGTERM must leave nothing."""
+@contextlib.contextmanager
+def running_host(guest_image: image.Result, *sfld_args: str) -> Iterator[Host]:
+    """A running sfld (TCG) with its own root; on exit, SIGTERM must leave nothing."""
     root = Path(tempfile.mkdtemp(prefix="sf-", dir="/tmp"))  # short: socket paths
     h = Host(root, guest_image.out, "tcg")
     try:
-        h.start()
+        h.start(*sfld_args)
         yield h
         if h.proc is not None:
             assert h.stop() == 0, h.log.read_text()
@@ -134,5 +144,89 @@ def host(guest_image: image.Result) -> Iterator[Host]:
             h.proc.wait()
         for line in qemu_processes(h.memory_dir):
             os.kill(int(line.split()[0]), signal.SIGKILL)
+        for point in memtap_mounts(h.memory_dir):
+            subprocess.run(["umount", "-l", point], check=False)
         shutil.rmtree(h.memory_dir, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def host(guest_image: image.Result) -> Iterator[Host]:
+    with running_host(guest_image) as h:
+        yield h
+
+
+def memtap_mounts(under: Path) -> list[str]:
+    return [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+            if " fuse.memtap " in line and line.split()[1].startswith(f"{under}/")]  # fmt: skip
+
+
+# Guests that run a shell script and report on their console ----------------------
+
+GO = ("until python3 -c \"from sflib.vm.guestbus import open_bus; "
+      "open_bus().read(b'go')\" 2>/dev/null; do sleep 1; done")  # fmt: skip
+
+
+def boot(host: Host, name: str, script: str, memory: int = 256) -> dict[str, object]:
+    b64 = base64.b64encode(script.encode()).decode()
+    append = f'sf.run="echo {b64} | base64 -d > /g.sh && sh /g.sh; sleep 100000"'
+    assert len(append) < 2000, "kernel command lines stop at 2048 bytes"
+    return host.vm_json("run", "--name", name, "--memory", str(memory), "--append", append,
+                        "--wait-ready")  # fmt: skip
+
+
+def console(host: Host, name: str, marker: str = "SF-DONE", timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = host.tool("sf-vm", "logs", name).stdout
+        if re.search(f"^{re.escape(marker)}", text, re.M):  # not inside the kernel line
+            return text
+        time.sleep(1)
+    raise AssertionError(f"{marker} not seen in {name}'s console:\n{text[-3000:]}\n"
+                         f"sfld:\n{host.log.read_text()[-3000:]}")  # fmt: skip
+
+
+def vm_names(host: Host) -> list[str]:
+    return sorted(v["name"] for v in host.vm_json("ls"))
+
+
+# A cluster of network-namespace hosts (DESIGN §6) ----------------------------------
+
+
+@dataclass
+class Cluster:
+    bed: Testbed
+    hosts: list[Host]  # tools against each host's sfld (bed.hosts[i] runs it)
+
+    def leftovers(self) -> list[str]:
+        return [item for h in self.hosts for item in h.leftovers()]
+
+
+@contextlib.contextmanager
+def running_cluster(guest_image: image.Result, n: int = 3, *sfld_args: str) -> Iterator[Cluster]:
+    """n hosts and a master; on exit every sfld must stop cleanly and leave nothing."""
+    workdir = Path(tempfile.mkdtemp(prefix="sfc-", dir="/tmp"))
+    args = ["--accel", "tcg", "--image-dir", str(guest_image.out), *sfld_args]
+    try:
+        with Testbed.create(workdir, hosts=n, sfld_args=args) as bed:
+            cluster = Cluster(bed, [Host(h.root, guest_image.out, "tcg") for h in bed.hosts])
+            for host, daemon in zip(cluster.hosts, bed.hosts, strict=True):
+                host.log = daemon.log
+            try:
+                yield cluster
+            except BaseException:
+                for daemon in [*bed.hosts, bed.master]:  # shown by pytest on failure
+                    print(f"--- {daemon.log}:\n{daemon.log.read_text()[-3000:]}")
+                raise
+            for daemon in bed.hosts:
+                assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
+            assert cluster.leftovers() == []
+    finally:
+        for host in [Host(workdir / f"h{i}", guest_image.out, "tcg") for i in range(1, n + 1)]:
+            for line in qemu_processes(host.memory_dir):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            for point in memtap_mounts(host.memory_dir):
+                subprocess.run(["umount", "-l", point], check=False)
+            shutil.rmtree(host.memory_dir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)

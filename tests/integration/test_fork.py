@@ -15,37 +15,9 @@ from pathlib import Path
 import pytest
 
 from sflib.image.overlay import overlay
-from tests.integration.conftest import Host
+from tests.integration.conftest import GO, Host, boot, console, vm_names
 
 pytestmark = pytest.mark.vm
-
-GO = ("until python3 -c \"from sflib.vm.guestbus import open_bus; "
-      "open_bus().read(b'go')\" 2>/dev/null; do sleep 1; done")  # fmt: skip
-
-
-def boot(host: Host, name: str, script: str, memory: int = 256) -> dict[str, object]:
-    b64 = base64.b64encode(script.encode()).decode()
-    append = f'sf.run="echo {b64} | base64 -d > /g.sh && sh /g.sh; sleep 100000"'
-    assert len(append) < 2000, "kernel command lines stop at 2048 bytes"
-    return host.vm_json("run", "--name", name, "--memory", str(memory), "--append", append,
-                        "--wait-ready")  # fmt: skip
-
-
-def console(host: Host, name: str, marker: str = "SF-DONE", timeout: float = 300) -> str:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = host.tool("sf-vm", "logs", name).stdout
-        if re.search(f"^{re.escape(marker)}", text, re.M):  # not inside the kernel line
-            return text
-        time.sleep(1)
-    raise AssertionError(f"{marker} not seen in {name}'s console:\n{text[-3000:]}\n"
-                         f"sfld:\n{host.log.read_text()[-3000:]}")  # fmt: skip
-
-
-def vm_names(host: Host) -> list[str]:
-    return sorted(v["name"] for v in host.vm_json("ls"))
-
 
 FORK = """
 dd if=/dev/urandom of=/tmp/state bs=1M count=8 2>/dev/null

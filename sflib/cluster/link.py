@@ -1,0 +1,112 @@
+"""An sfld's place in the cluster: its registration and heartbeats at sfmasterd,
+tickets from the master, and the calls between sflds (each side a wire.PeerClient).
+
+The master may be down when sfld starts, or restart later: the link keeps trying,
+registers again when the master has forgotten it, and meanwhile tickets fail with
+UnreachableError. Every heartbeat's reply names the hosts the master declared
+dead; the link hands them to on_dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sflib.cluster import wire
+from sflib.errors import NotFoundError, SnowFlockError
+from sflib.sfld.control import Dispatch
+
+log = logging.getLogger(__name__)
+
+RETRY = 1.0  # seconds between attempts to reach a master that did not answer
+
+
+class ClusterLink:
+    def __init__(self, host: str, master: str, listen: str, secret: bytes, slots: int) -> None:
+        self.host = host
+        self.master = wire.PeerClient(master, secret, timeout=10.0)
+        self.listen = listen
+        self.secret = secret
+        self.slots = slots
+        self.address = ""
+        self.heartbeat = RETRY
+        self.on_dead: Callable[[list[str]], Awaitable[None]] | None = None
+        self.dead: set[str] = set()
+        self._server: asyncio.Server | None = None
+        self._beating: asyncio.Task[None] | None = None
+        self.registered = False
+
+    async def start(self, dispatch: Dispatch) -> None:
+        """Listen for other sflds, then register and heartbeat in the background."""
+        host, _, port = self.listen.rpartition(":")
+        self._server = await wire.serve(host, int(port), self.secret, dispatch)
+        self.address = f"{host}:{self._server.sockets[0].getsockname()[1]}"
+        log.info("cluster: host %s, peers reach it at %s, master %s", self.host,
+                 self.address, self.master.address)  # fmt: skip
+        self._beating = asyncio.create_task(self._beat(), name="heartbeat")
+
+    async def close(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beating
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _beat(self) -> None:
+        failing = False
+        while True:
+            try:
+                if not self.registered:
+                    await self._register()
+                reply = await self.master.call("heartbeat", host=self.host)
+                if failing:
+                    log.info("cluster: the master answers again")
+                failing = False
+                await self._note_dead(set(reply.get("dead", [])))
+            except NotFoundError:
+                log.warning("cluster: the master forgot this host; registering again")
+                self.registered = False
+                continue
+            except SnowFlockError as e:
+                if not failing:
+                    log.warning("cluster: cannot reach the master: %s", e)
+                failing = True
+            await asyncio.sleep(self.heartbeat)
+
+    async def _register(self) -> None:
+        reply = await self.master.call("register", host=self.host, address=self.address,
+                                       slots=self.slots)  # fmt: skip
+        self.heartbeat = float(reply.get("heartbeat", RETRY))
+        self.registered = True
+        log.info("cluster: registered at the master %s", self.master.address)
+
+    async def _note_dead(self, dead: set[str]) -> None:
+        new = sorted(dead - self.dead)
+        self.dead = dead
+        if new and self.on_dead is not None:
+            log.warning("cluster: the master declared dead: %s", ", ".join(new))
+            await self.on_dead(new)
+
+    # Tickets -----------------------------------------------------------------------
+
+    async def grant(self, vm: str, n: int) -> dict[str, Any]:
+        """The master's ticket for n clones of vm. Raises what the master raised, or
+        UnreachableError."""
+        return dict(await self.master.call("ticket.request", host=self.host, vm=vm, n=n))
+
+    async def release(self, ticket: str) -> None:
+        """Give a ticket's slots back; a master that cannot be reached is logged."""
+        try:
+            await self.master.call("ticket.release", ticket=ticket)
+        except SnowFlockError as e:
+            log.warning("cluster: ticket %s not released at the master: %s", ticket, e)
+
+    # Other sflds -------------------------------------------------------------------
+
+    def peer(self, address: str, timeout: float = 120.0) -> wire.PeerClient:
+        return wire.PeerClient(address, self.secret, timeout)

@@ -1,0 +1,168 @@
+"""sfmasterd: the hosts of the cluster register and heartbeat here, and tickets are
+granted across them by the embedded allocator (DESIGN §1, §5).
+
+Calls (over sflib.cluster.wire, from sflds):
+    register {host, address, slots}        -> {heartbeat, host_timeout}
+    heartbeat {host}                       -> {dead: [host, ...]}   (NotFoundError:
+                                              register again)
+    ticket.request {host, vm, n}           -> {ticket, requested, granted,
+                                              placement: {host: n}, addresses: {host: addr}}
+    ticket.release {ticket}                -> {ticket, released}
+    host.list, ticket.list, status
+
+A host silent for host_timeout seconds is declared dead: it grants no more slots,
+the tickets it owned end (their clones elsewhere are killed by their hosts, which
+learn of the death in their next heartbeat), and the owners of clones it ran report
+those clones crashed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from sflib import __version__
+from sflib.cluster import allocator, wire
+from sflib.cluster.registry import Registry, TicketRecord
+from sflib.errors import NotFoundError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+class Master:
+    def __init__(self, registry: Registry, heartbeat: float, host_timeout: float) -> None:
+        self.registry = registry
+        self.heartbeat = heartbeat
+        self.host_timeout = host_timeout
+
+    async def run(self, listen: str, secret: bytes, stopping: asyncio.Event,
+                  on_ready: Any = None) -> None:  # fmt: skip
+        host, _, port = listen.rpartition(":")
+        server = await wire.serve(host, int(port), secret, self.dispatch)
+        self.address = f"{host}:{server.sockets[0].getsockname()[1]}"
+        self._grace()
+        log.info("ready: listening on %s", self.address)
+        if on_ready:
+            on_ready()
+        watcher = asyncio.create_task(self._watch_hosts(stopping))
+        await stopping.wait()
+        watcher.cancel()
+        server.close()
+        await server.wait_closed()
+        self.registry.close()
+        log.info("stopped")
+
+    def _grace(self) -> None:
+        """After a restart, the live hosts get a full timeout to be heard again."""
+        for h in self.registry.hosts():
+            if h.alive:
+                self.registry.seen(h.name)
+
+    async def _watch_hosts(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            self.check_hosts(time.time())
+            await asyncio.sleep(min(self.heartbeat, self.host_timeout / 4))
+
+    def check_hosts(self, now: float) -> list[str]:
+        """Declare dead the hosts not heard for host_timeout; returns them."""
+        dead = [h.name for h in self.registry.hosts()
+                if h.alive and now - h.last_seen > self.host_timeout]  # fmt: skip
+        for name in dead:
+            self.registry.declare_dead(name)
+            ended = [t.id for t in self.registry.tickets(live_only=True) if t.owner_host == name]
+            for ticket_id in ended:
+                self.registry.end_ticket(ticket_id)
+            log.warning("host %s silent for %g s: dead; its tickets ended: %s", name,
+                        self.host_timeout, ", ".join(ended) or "none")  # fmt: skip
+        return dead
+
+    # Calls ---------------------------------------------------------------------
+
+    async def dispatch(self, op: str, args: dict[str, Any]) -> Any:
+        handler = _HANDLERS.get(op)
+        if handler is None:
+            raise UsageError(f"unknown request {op!r}")
+        return handler(self, args)
+
+    def register(self, args: dict[str, Any]) -> Any:
+        name, address = _str(args, "host"), _str(args, "address")
+        slots = _int(args, "slots")
+        self.registry.register(name, address, slots)
+        log.info("host %s registered: sfld at %s, %d clone slots", name, address, slots)
+        return {"heartbeat": self.heartbeat, "host_timeout": self.host_timeout}
+
+    def heartbeat_call(self, args: dict[str, Any]) -> Any:
+        name = _str(args, "host")
+        if not self.registry.seen(name):
+            raise NotFoundError(f"host {name} is not registered (or was declared dead)")
+        return {"dead": [h.name for h in self.registry.hosts() if not h.alive]}
+
+    def request_ticket(self, args: dict[str, Any]) -> Any:
+        owner, vm, n = _str(args, "host"), _str(args, "vm"), _int(args, "n", low=-(2**31))
+        hosts = {h.name: h for h in self.registry.hosts() if h.alive}
+        if owner not in hosts:
+            raise NotFoundError(f"host {owner} is not registered (or was declared dead)")
+        capacity = {name: h.slots for name, h in hosts.items()}
+        free = allocator.free_slots(capacity, self.registry.reserved())
+        placement = allocator.place(n, free, owner)
+        ticket = TicketRecord(f"m{secrets.token_hex(4)}", owner, vm, n, placement, time.time())
+        self.registry.add_ticket(ticket)
+        log.info("ticket %s for %s on %s: %d of %d clones on %s", ticket.id, vm, owner,
+                 ticket.granted, n, placement)  # fmt: skip
+        return {**ticket.to_json(), "addresses": {h: hosts[h].address for h in placement}}
+
+    def release_ticket(self, args: dict[str, Any]) -> Any:
+        ticket_id = _str(args, "ticket")
+        if self.registry.ticket(ticket_id) is None:
+            raise NotFoundError(f"no such ticket: {ticket_id}")
+        released = self.registry.end_ticket(ticket_id)
+        if released:
+            log.info("ticket %s released", ticket_id)
+        return {"ticket": ticket_id, "released": released}
+
+    def list_hosts(self, _args: dict[str, Any]) -> Any:
+        reserved = self.registry.reserved()
+        return [{**h.to_json(), "reserved": reserved.get(h.name, 0)}
+                for h in self.registry.hosts()]  # fmt: skip
+
+    def list_tickets(self, _args: dict[str, Any]) -> Any:
+        return [t.to_json() for t in self.registry.tickets()]
+
+    def status(self, _args: dict[str, Any]) -> Any:
+        hosts = self.registry.hosts()
+        return {"version": __version__, "address": self.address,
+                "hosts": len(hosts), "alive": sum(h.alive for h in hosts),
+                "live_tickets": len(self.registry.tickets(live_only=True))}  # fmt: skip
+
+
+_HANDLERS = {
+    "register": Master.register,
+    "heartbeat": Master.heartbeat_call,
+    "ticket.request": Master.request_ticket,
+    "ticket.release": Master.release_ticket,
+    "host.list": Master.list_hosts,
+    "ticket.list": Master.list_tickets,
+    "status": Master.status,
+}
+
+
+def _str(args: dict[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"{key} is required")
+    return value
+
+
+def _int(args: dict[str, Any], key: str, low: int = 0) -> int:
+    value = args.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UsageError(f"{key} must be an integer of at least {low}")
+    return value
+
+
+def open_registry(state_dir: Path) -> Registry:
+    return Registry(state_dir / "master.db")

@@ -1,0 +1,227 @@
+"""Clones this host runs for a parent on another host (DESIGN §5).
+
+The parent's sfld ships a descriptor (manifest, device state, XenStore snapshot)
+and the address of its memory server; here each clone maps the image through a
+memtap mount, gets its domain restored from the snapshot, is told who it is, and
+resumes with its reply. What it reports goes back to the parent's sfld: its exit
+or crash (clone.ended) and what it shares (share.put). A clone's share folder is
+in its own domain here, since the parent's domain lives on the other host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sflib.cluster.link import ClusterLink
+from sflib.errors import SnowFlockError, UsageError
+from sflib.fork import layout, mechanics
+from sflib.fork.checkpoint import Checkpoint, MemoryImage
+from sflib.fork.mechanics import CloneOrder
+from sflib.fork.share import read_chunks
+from sflib.memory.service import MemoryService
+from sflib.sfld.vms import VM, VMTable
+from sflib.xenstore.snapshot import DomainSnapshot
+from sflib.xenstore.wire import XenStoreError
+
+log = logging.getLogger(__name__)
+
+NOTIFY_TRIES = 5
+
+
+@dataclass
+class HostedClone:
+    ticket: str
+    clone_id: int
+    owner_host: str
+    owner_address: str
+    checkpoint: str  # key of its descriptor in HostedClones.descriptors
+    server: str  # the memory server it maps through memtap
+    image: str
+    exited: bool = False
+
+
+class HostedClones:
+    def __init__(self, vms: VMTable, memory: MemoryService, link: ClusterLink, qemu: str,
+                 checkpoint_dir: Path) -> None:  # fmt: skip
+        self.vms = vms
+        self.memory = memory
+        self.link = link
+        self.qemu = qemu
+        self.dir = checkpoint_dir
+        self.clones: dict[str, HostedClone] = {}  # by VM name
+        self.descriptors: dict[str, Checkpoint] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last: dict[str, asyncio.Task[None]] = {}  # per clone: its latest message
+
+    def of(self, vm: VM) -> HostedClone | None:
+        return self.clones.get(vm.machine.spec.name)
+
+    # clone.start ---------------------------------------------------------------------
+
+    async def start(self, args: dict[str, Any], reply: Callable[[int, str, Any], None]) -> Any:
+        """Start the clones args asks for; returns {id: VM name or None if it failed}."""
+        ckpt = self._descriptor(args)
+        started: dict[str, str | None] = {}
+        for k in args["ids"]:
+            name = f"{args['ticket']}-{k}"
+            hosted = HostedClone(args["ticket"], k, args["owner_host"], args["owner_address"],
+                                 ckpt.id, args["memserver"], args["image"])  # fmt: skip
+            try:
+                vm = await self._start_one(ckpt, hosted, name, args["family"])
+            except SnowFlockError as e:
+                log.warning("clone %d of ticket %s did not start: %s", k, args["ticket"], e)
+                started[str(k)] = None
+                continue
+            reply(vm.machine.spec.domid, ckpt.rid, {**args["reply"], "id": k})
+            started[str(k)] = name
+        self._drop_descriptor_if_unused(ckpt.id)
+        return started
+
+    def _descriptor(self, args: dict[str, Any]) -> Checkpoint:
+        manifest = args.get("manifest")
+        if not isinstance(manifest, dict):
+            raise UsageError("clone.start: no manifest")
+        key = f"{manifest['id']}@{args['owner_host']}"
+        if key in self.descriptors:
+            return self.descriptors[key]
+        folder = self.dir / key
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "devstate").write_bytes(base64.b64decode(args["devstate"]))
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        image = MemoryImage(Path(args["image"]), owned=False)  # a name on another host
+        ckpt = Checkpoint(key, args["family"], bool(manifest["named"]), folder, image,
+                          DomainSnapshot.from_json(manifest["xenstore"]), manifest["machine"],
+                          created=float(manifest["created"]), rid=str(args["rid"]))  # fmt: skip
+        self.descriptors[key] = ckpt
+        return ckpt
+
+    async def _start_one(self, ckpt: Checkpoint, hosted: HostedClone, name: str,
+                         family: str) -> VM:  # fmt: skip
+        memory = await self.memory.attach(hosted.server, hosted.image, name)
+        self.clones[name] = hosted
+        try:
+            clone = await mechanics.restore_clone(
+                self.vms, self.qemu, ckpt, CloneOrder(name, hosted.clone_id, family, memory)
+            )
+        except BaseException:
+            self.clones.pop(name, None)
+            await self.memory.detach(hosted.server, hosted.image, name)
+            raise
+        self.vms.register(clone)
+        self._introduce(clone, hosted, family)
+        await clone.machine.resume()
+        return clone
+
+    def _introduce(self, clone: VM, hosted: HostedClone, family: str) -> None:
+        domid = clone.machine.spec.domid
+        identity = {"id": hosted.clone_id, "family": family, "ticket": hosted.ticket,
+                    "parent_domid": domid, "domid": domid, "host": self.link.host,
+                    "parent_host": hosted.owner_host}  # fmt: skip
+        local = self.vms.bus.local
+        local.write(f"/local/domain/{domid}/{layout.IDENTITY}", json.dumps(identity).encode())
+        local.mkdir(f"/local/domain/{domid}/{layout.share_dir(hosted.ticket, hosted.clone_id)}")
+
+    # What the clones say -------------------------------------------------------------
+
+    def on_share(self, domid: int, ticket: str, clone_id: int, key: str) -> None:
+        """A hosted clone finished storing key: carry it to its parent's host."""
+        vm = next((v for v in self.vms.vms.values() if v.machine.spec.domid == domid), None)
+        hosted = self.of(vm) if vm else None
+        if hosted is None or (hosted.ticket, hosted.clone_id) != (ticket, clone_id):
+            return
+        base = f"/local/domain/{domid}/{layout.share_dir(ticket, clone_id)}/{key}"
+        try:
+            chunks = read_chunks(self.vms.bus.local.read, base)
+        except (XenStoreError, ValueError) as e:
+            log.warning("clone %s: unreadable share %s: %s", vm and vm.machine.spec.name, key, e)
+            return
+        self._notify(hosted, "share.put", ticket=ticket, id=clone_id, key=key,
+                     chunks=[c.decode() for c in chunks])  # fmt: skip
+
+    def exited(self, vm: VM, status: int) -> None:
+        hosted = self.of(vm)
+        if hosted is not None:
+            hosted.exited = True
+            self._notify(hosted, "clone.ended", ticket=hosted.ticket, id=hosted.clone_id,
+                         state="exited", status=status)  # fmt: skip
+
+    async def ended(self, vm: VM) -> None:
+        """A hosted clone's QEMU is gone: tell its parent's host if it did not exit."""
+        hosted = self.clones.pop(vm.machine.spec.name, None)
+        if hosted is None:
+            return
+        await self.memory.detach(hosted.server, hosted.image, vm.machine.spec.name)
+        if not hosted.exited:
+            self._notify(hosted, "clone.ended", ticket=hosted.ticket, id=hosted.clone_id,
+                         state="crashed", status=None)  # fmt: skip
+        self._drop_descriptor_if_unused(hosted.checkpoint)
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait (a while) for the reports still on their way to parents' hosts."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    # Ends decided elsewhere ----------------------------------------------------------
+
+    async def stop(self, names: list[str]) -> list[str]:
+        """clone.stop: kill hosted clones (sf-kill, or their parent ended)."""
+        found = [n for n in names if n in self.clones]
+        for name in found:
+            self.clones[name].exited = True  # the parent knows: no report back
+        await asyncio.gather(*(self._stop_vm(n) for n in found))
+        return found
+
+    async def owners_dead(self, hosts: list[str]) -> None:
+        """The master declared these hosts dead: their families' clones here end."""
+        orphans = [n for n, h in self.clones.items() if h.owner_host in hosts]
+        if orphans:
+            log.warning("stopping clones whose parent's host died: %s", ", ".join(orphans))
+            await self.stop(orphans)
+
+    async def _stop_vm(self, name: str) -> None:
+        with contextlib.suppress(SnowFlockError):
+            await self.vms.stop(name)
+
+    def _drop_descriptor_if_unused(self, key: str) -> None:
+        if key in self.descriptors and not any(c.checkpoint == key for c in self.clones.values()):
+            shutil.rmtree(self.descriptors.pop(key).dir, ignore_errors=True)
+
+    def _notify(self, hosted: HostedClone, op: str, **args: Any) -> None:
+        """Send in the background, after what this clone sent before: its shares must
+        reach the parent before its exit does, or sf-join would return too early."""
+        key = f"{hosted.ticket}-{hosted.clone_id}"
+        before = self._last.get(key)
+        task = asyncio.create_task(self._send(before, hosted.owner_address, op, args))
+        self._last[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(self._forget_last, key))
+
+    def _forget_last(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._last.get(key) is task:
+            del self._last[key]
+
+    async def _send(self, before: asyncio.Task[None] | None, address: str, op: str,
+                    args: dict[str, Any]) -> None:  # fmt: skip
+        if before is not None:
+            await asyncio.wait([before])
+        peer = self.link.peer(address, timeout=30)
+        for attempt in range(NOTIFY_TRIES):
+            try:
+                await peer.call(op, **args)
+                return
+            except SnowFlockError as e:
+                if attempt == NOTIFY_TRIES - 1:
+                    log.warning("could not tell %s %s %s: %s", address, op, args.get("id"), e)
+                    return
+                await asyncio.sleep(1 + attempt)

@@ -1,0 +1,126 @@
+"""The parent's side of clones on other hosts (DESIGN §5): ship the descriptor and
+the memory server's address to each chosen host's sfld, and keep the ticket's
+record of those clones as the hosts report on them (clone.ended, share.put), or
+as the master declares their hosts dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from typing import Any
+
+from sflib.cluster.link import ClusterLink
+from sflib.errors import NotFoundError, SnowFlockError, UsageError
+from sflib.fork import layout
+from sflib.fork.checkpoint import Checkpoint
+from sflib.fork.tickets import Clone, CloneState, Ticket, TicketBook
+from sflib.memory.service import MemoryService
+from sflib.xenstore.server import XenStoreServer
+
+log = logging.getLogger(__name__)
+
+
+class RemoteClones:
+    def __init__(self, book: TicketBook, bus: XenStoreServer, memory: MemoryService,
+                 link: ClusterLink) -> None:  # fmt: skip
+        self.book = book
+        self.bus = bus
+        self.memory = memory
+        self.link = link
+
+    async def spawn(self, ticket: Ticket, ckpt: Checkpoint, parent_domid: int, family: str,
+                    reply: dict[str, Any], ids: dict[str, list[int]]) -> None:  # fmt: skip
+        """Start ticket's clones on the other hosts of ids; a host that fails marks its
+        clones crashed. Never raises."""
+        server = await self.memory.export()
+        payload = {"ticket": ticket.id, "family": family, "owner_host": self.link.host,
+                   "owner_address": self.link.address, "rid": ckpt.rid, "reply": reply,
+                   "manifest": ckpt.manifest(), "memserver": server,
+                   "image": ckpt.image.path.name,
+                   "devstate": base64.b64encode(ckpt.devstate.read_bytes()).decode()}  # fmt: skip
+        hosts = [h for h in ids if h != self.link.host]
+        for host in hosts:
+            for k in ids[host]:  # in the record before any report on them can come
+                ticket.clones[k] = Clone(k, f"{ticket.id}-{k}", host=host)
+                self._share_corner(parent_domid, ticket.id, k)
+        await asyncio.gather(*(self._spawn_on(ticket, h, ids[h], payload) for h in hosts))
+
+    async def _spawn_on(self, ticket: Ticket, host: str, ids: list[int],
+                        payload: dict[str, Any]) -> None:  # fmt: skip
+        try:
+            peer = self.link.peer(ticket.addresses[host])
+            started = await peer.call("clone.start", **payload, ids=ids)
+        except (SnowFlockError, KeyError) as e:
+            log.warning("clones %s of ticket %s on %s did not start: %s", ids, ticket.id,
+                        host, e)  # fmt: skip
+            started = {}
+        for k in ids:
+            if not started.get(str(k)):
+                ticket.clones[k].state = CloneState.CRASHED
+        log.info("ticket %s: clones %s started on %s", ticket.id,
+                 [k for k in ids if started.get(str(k))], host)  # fmt: skip
+
+    def _share_corner(self, parent_domid: int, ticket: str, k: int) -> None:
+        corner = f"/local/domain/{parent_domid}/{layout.share_dir(ticket, k)}"
+        self.bus.local.mkdir(corner)
+        self.bus.local.set_perms(corner, [f"n{parent_domid}"])
+
+    async def stop(self, ticket: Ticket, clones: list[Clone]) -> None:
+        """Kill clones of ticket on other hosts (those hosts may be gone: logged)."""
+        by_host: dict[str, list[str]] = {}
+        for clone in clones:
+            if clone.host is not None:
+                by_host.setdefault(clone.host, []).append(clone.vm)
+        await asyncio.gather(*(self._stop_on(ticket, h, names) for h, names in by_host.items()))
+
+    async def _stop_on(self, ticket: Ticket, host: str, names: list[str]) -> None:
+        try:
+            await self.link.peer(ticket.addresses[host], 60).call("clone.stop", names=names)
+        except SnowFlockError as e:
+            log.warning("could not stop clones %s on %s: %s", names, host, e)
+
+    # What the other hosts report ----------------------------------------------------
+
+    def ended(self, args: dict[str, Any]) -> Ticket:
+        """clone.ended: a clone exited (with its status) or crashed over there."""
+        ticket, clone = self._clone(args)
+        state = CloneState.EXITED if args.get("state") == "exited" else CloneState.CRASHED
+        if clone.state == CloneState.RUNNING:
+            clone.state, clone.status = state, args.get("status")
+            log.info("clone %d of ticket %s on %s: %s %s", clone.id, ticket.id, clone.host,
+                     state, clone.status)  # fmt: skip
+        return ticket
+
+    def share(self, args: dict[str, Any], parent_domid: int) -> None:
+        """share.put: store what a clone over there shared in its parent's domain."""
+        ticket, clone = self._clone(args)
+        key, chunks = args.get("key"), args.get("chunks")
+        if not isinstance(key, str) or not isinstance(chunks, list):
+            raise UsageError("share.put: key and chunks are required")
+        base = f"/local/domain/{parent_domid}/{layout.share_dir(ticket.id, clone.id)}/{key}"
+        for i, chunk in enumerate(chunks):
+            self.bus.local.write(f"{base}/{i}", str(chunk).encode())
+        self.bus.local.write(f"{base}/chunks", str(len(chunks)).encode())  # last, as put does
+
+    def hosts_dead(self, hosts: list[str]) -> list[Ticket]:
+        """Clones on dead hosts crashed; returns the tickets that changed."""
+        changed = []
+        for ticket in self.book.tickets.values():
+            lost = [c for c in ticket.clones.values()
+                    if c.host in hosts and c.state == CloneState.RUNNING]  # fmt: skip
+            for clone in lost:
+                clone.state = CloneState.CRASHED
+                log.warning("clone %d of ticket %s crashed with its host %s", clone.id,
+                            ticket.id, clone.host)  # fmt: skip
+            if lost:
+                changed.append(ticket)
+        return changed
+
+    def _clone(self, args: dict[str, Any]) -> tuple[Ticket, Clone]:
+        ticket, k = self.book.tickets.get(str(args.get("ticket"))), args.get("id")
+        clone = ticket.clones.get(k) if ticket and isinstance(k, int) else None
+        if ticket is None or clone is None or clone.host is None:
+            raise NotFoundError(f"no remote clone {args.get('id')} of ticket {args.get('ticket')}")
+        return ticket, clone
