@@ -4,7 +4,9 @@
  * FUSE file system; memtap fetches the pages it lacks from the memory server on the
  * parent's host (DESIGN §2 step 4). The same protocol is spoken by
  * sflib/memory/protocol.py (the Python codec used by sfld and the tests): keep both in
- * step, and bump MP_VERSION when anything here changes.
+ * step, and bump MP_VERSION when a change breaks a peer of the other version. A new op
+ * does not: a server that lacks it answers MP_EINVAL and the connection stays (FREEMAP
+ * came that way, in version 1).
  *
  * TCP, one image per connection. Every message starts with a 24-byte header; all
  * integers are little-endian. A client sends requests one at a time and reads each
@@ -32,15 +34,25 @@
  *          is clear is not sent: it is all zero, or the guest reported it free at the
  *          checkpoint (its content does not matter); the client fills it with zeros.
  * STATS    no payload. Reply payload: one JSON object of the server's counters.
+ * FREEMAP  no payload. Reply: pages = the image's size in pages, length = ceil(pages /
+ *          8), payload = the image's free-page map (below), all zero bytes if it has
+ *          none; bits past the last page are clear. A client asks once after OPEN and
+ *          then never READs a free page by itself (a READ may still span one between
+ *          pages it lacks; the reply leaves it out).
  *
  * Errors come back as a reply with a non-zero status and no payload; the connection
  * stays usable, except after a bad HELLO (MP_EACCES, MP_EVERSION), a request before
- * HELLO (MP_EACCES), or a payload length over MP_MAX_PAYLOAD (MP_EINVAL): the server
- * answers these, then closes the connection. A bad magic closes it unanswered.
+ * HELLO (MP_EACCES), or a request payload length over MP_MAX_PAYLOAD (MP_EINVAL): the
+ * server answers these, then closes the connection. A bad magic closes it unanswered.
+ * READ before OPEN and FREEMAP before OPEN are MP_ESTATE.
+ *
+ * Reply payloads are bounded by their op, not by MP_MAX_PAYLOAD: a READ's by
+ * ceil(pages / 8) + MP_MAX_READ, a FREEMAP's by ceil(pages / 8) <= MP_MAX_FREEMAP
+ * (512 KiB for a 16 GiB image), a STATS' by the number of clients.
  *
  * The free-page map of an image NAME is the optional file NAME.free beside it: one
  * bit per page in the same bit order as the READ bitmap, set for a page that the guest
- * reported free.
+ * reported free (its content does not matter: a client reads it as zeros).
  */
 #ifndef SNOWFLOCK_MEMPROTO_H
 #define SNOWFLOCK_MEMPROTO_H
@@ -54,13 +66,15 @@
 #define MP_MAX_NAME 255u
 #define MP_MAX_SECRET 1024u
 #define MP_MAX_READ (1024u * 1024u) /* 256 pages per request */
-#define MP_MAX_PAYLOAD MP_MAX_SECRET
+#define MP_MAX_PAYLOAD MP_MAX_SECRET        /* of a request */
+#define MP_MAX_FREEMAP (512u * 1024u * 1024u) /* ceil(UINT32_MAX pages / 8) bytes */
 
 enum mp_op {
     MP_OP_HELLO = 1,
     MP_OP_OPEN = 2,
     MP_OP_READ = 3,
     MP_OP_STATS = 4,
+    MP_OP_FREEMAP = 5,
 };
 
 enum mp_status {
@@ -69,7 +83,7 @@ enum mp_status {
     MP_ENOENT = 2,  /* no such image */
     MP_ERANGE = 3,  /* the range lies (partly) outside the image */
     MP_EACCES = 4,  /* wrong secret, or a request before HELLO */
-    MP_ESTATE = 5,  /* READ before OPEN, a second OPEN or HELLO */
+    MP_ESTATE = 5,  /* READ or FREEMAP before OPEN, a second OPEN or HELLO */
     MP_EIO = 6,     /* the server could not read the image */
     MP_EVERSION = 7 /* the client speaks another MP_VERSION */
 };

@@ -20,8 +20,17 @@
  * fail with EIO at once, cached pages are still served, .stats says so. A READ the
  * server refuses with an error status fails that read only.
  *
- * Counters in .stats: requests = READs sent, pages_fetched = pages received as data,
- * pages_zero = pages received as absent, bytes_fetched = READ reply payload bytes,
+ * Free pages: right after OPEN (at start-up and after a reconnection) memtap asks the
+ * server's free-page map (FREEMAP) and marks every free page present at once: its
+ * content does not matter, and its cache page stays a hole of the sparse file, which
+ * reads as zeros. So no READ starts or ends at a free page (one may span free pages
+ * between missing ones: the reply leaves them out at the cost of a bit each). A server
+ * that refuses FREEMAP (an older one) leaves every page to be fetched.
+ *
+ * Counters in .stats: requests = READs sent, pages_cached = pages made present by
+ * READs, pages_fetched = pages received as data, pages_zero = pages made present by
+ * READs as absent (zero or free), pages_free = pages of the free-page map (present
+ * from the start, not in pages_cached), bytes_fetched = READ reply payload bytes,
  * cache_hits = reads served from the cache without a fetch, errors = failed reads.
  */
 #define _GNU_SOURCE /* asprintf */
@@ -68,15 +77,17 @@ struct tap {
     uint64_t size, pages;
     int sock;  /* -1 between a failure and the reconnection */
     int alive; /* 0 once the server is given up for dead */
+    int no_freemap; /* the server refused FREEMAP (said once) */
     struct fuse *fuse;
 
-    /* The cache: page i is in cache_fd once bit i of present is set. */
+    /* The cache: page i is in cache_fd once bit i of present is set (a free page from
+     * the start, as a hole). */
     int cache_fd;
     uint8_t *present;
-    uint8_t *reply; /* one READ reply's payload: bitmap, then data */
+    uint8_t *reply; /* one READ reply's payload: bitmap, then data; or a FREEMAP piece */
 
     struct {
-        uint64_t cached, fetched, zero, requests, bytes, hits, errors;
+        uint64_t cached, fetched, zero, free, requests, bytes, hits, errors;
     } n;
 };
 
@@ -260,6 +271,65 @@ static int connect_server(struct tap *t, char *why, size_t len)
     return -1;
 }
 
+/* Free pages -------------------------------------------------------------------- */
+
+/* Marks present the free pages of map, bytes [at, at + len) of the free-page map:
+ * their cache pages stay holes. */
+static void mark_free(struct tap *t, const uint8_t *map, uint64_t at, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        uint8_t bits = map[i];
+        if (at + i == t->pages / 8) /* the last byte, partly past the image: ignored */
+            bits &= (uint8_t)((1u << (t->pages % 8)) - 1);
+        t->present[at + i] |= bits;
+        t->n.free += (uint64_t)__builtin_popcount(bits);
+    }
+}
+
+/* Asks the free-page map of the image just OPENed and marks its free pages present,
+ * in pieces of t->reply's size. A server that refuses (an older one, without FREEMAP)
+ * leaves the map unknown. Returns -1 with errno if the connection failed. */
+static int learn_free_pages(struct tap *t)
+{
+    uint64_t len = (t->pages + 7) / 8, at;
+    struct mp_reply r;
+
+    if (exchange(t, MP_OP_FREEMAP, 0, 0, NULL, &r) < 0)
+        return -1;
+    if (r.status) {
+        if (!t->no_freemap)
+            warn("memory server %s refused FREEMAP (%s): free pages will be fetched",
+                 t->server, status_name(r.status));
+        t->no_freemap = 1;
+        return 0;
+    }
+    if (r.pages != t->pages || r.length != len) {
+        errno = EPROTO;
+        return -1;
+    }
+    t->n.free = 0; /* counted anew: the same map, after a reconnection */
+    for (at = 0; at < len; at += MP_MAX_READ) {
+        size_t piece = len - at < MP_MAX_READ ? (size_t)(len - at) : MP_MAX_READ;
+        if (sock_io(t, t->reply, piece, 0) < 0)
+            return -1;
+        mark_free(t, t->reply, at, piece);
+    }
+    return 0;
+}
+
+/* Connects (connect_server), then learns the free-page map. Returns -1 with why[]
+ * filled, and no connection. */
+static int open_session(struct tap *t, char *why, size_t len)
+{
+    if (connect_server(t, why, len) < 0)
+        return -1;
+    if (learn_free_pages(t) == 0)
+        return 0;
+    snprintf(why, len, "FREEMAP: %s", describe(errno));
+    disconnect(t);
+    return -1;
+}
+
 /* Fetching ---------------------------------------------------------------------- */
 
 /* One READ of pages [first, first + n): its payload lands in t->reply. Returns 0, 1
@@ -291,7 +361,6 @@ static int read_pages(struct tap *t, uint64_t first, uint32_t n)
         return -1;
     t->n.bytes += r.length;
     t->n.fetched += sent;
-    t->n.zero += n - sent;
     return 0;
 bad:
     errno = EPROTO;
@@ -321,7 +390,8 @@ static int cache_io(struct tap *t, void *buf, size_t len, off_t off, int out)
 }
 
 /* Writes the pages of the READ reply in t->reply to the cache and marks them all
- * present: absent pages stay holes of the sparse cache file, which read as zeros. */
+ * present: absent pages stay holes of the sparse cache file, which read as zeros.
+ * Pages present already (cached, or free) are not counted again. */
 static int store_pages(struct tap *t, uint64_t first, uint32_t n)
 {
     uint8_t *data = t->reply + (n + 7) / 8;
@@ -341,6 +411,7 @@ static int store_pages(struct tap *t, uint64_t first, uint32_t n)
         if (!bit(t->present, first + i)) {
             t->present[(first + i) / 8] |= (uint8_t)(1u << ((first + i) % 8));
             t->n.cached++;
+            t->n.zero += !bit(t->reply, i);
         }
     return 0;
 }
@@ -355,7 +426,7 @@ static int fetch(struct tap *t, uint64_t first, uint32_t n)
     if (res < 0 && !stopping(t)) {
         warn("lost the memory server %s: %s; reconnecting", t->server, describe(errno));
         disconnect(t);
-        if (connect_server(t, why, sizeof why) < 0)
+        if (open_session(t, why, sizeof why) < 0)
             warn("memory server %s: %s; reads of uncached pages now fail", t->server, why);
         else if ((res = read_pages(t, first, n)) < 0)
             warn("memory server %s failed again: %s; reads of uncached pages now fail",
@@ -477,11 +548,11 @@ static int tap_open(const char *path, struct fuse_file_info *fi)
                  "{\"image\": \"%s\", \"server\": \"%s\", \"size\": %" PRIu64
                  ", \"pages\": %" PRIu64 ", \"pages_cached\": %" PRIu64
                  ", \"pages_fetched\": %" PRIu64 ", \"pages_zero\": %" PRIu64
-                 ", \"requests\": %" PRIu64 ", \"bytes_fetched\": %" PRIu64
-                 ", \"cache_hits\": %" PRIu64 ", \"errors\": %" PRIu64
-                 ", \"server_alive\": %s, \"prefetch\": %lu}\n",
+                 ", \"pages_free\": %" PRIu64 ", \"requests\": %" PRIu64
+                 ", \"bytes_fetched\": %" PRIu64 ", \"cache_hits\": %" PRIu64
+                 ", \"errors\": %" PRIu64 ", \"server_alive\": %s, \"prefetch\": %lu}\n",
                  t->image, t->server, t->size, t->pages, t->n.cached, t->n.fetched,
-                 t->n.zero, t->n.requests, t->n.bytes, t->n.hits, t->n.errors,
+                 t->n.zero, t->n.free, t->n.requests, t->n.bytes, t->n.hits, t->n.errors,
                  t->alive ? "true" : "false", t->prefetch) < 0)
         return -ENOMEM;
     fi->fh = (uintptr_t)text;
@@ -700,6 +771,25 @@ static int open_cache(struct tap *t)
     return 0;
 }
 
+/* Connects, opens the cache at the image's size and learns its free pages. Returns
+ * -1 once it has said why not. */
+static int start_up(struct tap *t)
+{
+    char why[256];
+
+    if (connect_server(t, why, sizeof why) < 0) {
+        warn("memory server %s, image %s: %s", t->server, t->image, why);
+        return -1;
+    }
+    if (open_cache(t) < 0)
+        return -1;
+    if (learn_free_pages(t) < 0) {
+        warn("memory server %s, image %s: FREEMAP: %s", t->server, t->image, describe(errno));
+        return -1;
+    }
+    return 0;
+}
+
 /* Mounts and serves until unmounted or signalled. Returns the exit status. */
 static int serve(struct tap *t, char *argv0)
 {
@@ -732,17 +822,12 @@ static int serve(struct tap *t, char *argv0)
 int main(int argc, char **argv)
 {
     struct tap t = {.prefetch = 8, .ready_fd = -1, .sock = -1, .alive = 1, .cache_fd = -1};
-    char why[256];
     int res = EXIT_STARTUP;
 
     fuse_set_log_func(fuse_logger);
     parse_args(&t, argc, argv);
-    if (read_secret(&t) == 0) {
-        if (connect_server(&t, why, sizeof why) < 0)
-            warn("memory server %s, image %s: %s", t.server, t.image, why);
-        else if (open_cache(&t) == 0)
-            res = serve(&t, argv[0]);
-    }
+    if (read_secret(&t) == 0 && start_up(&t) == 0)
+        res = serve(&t, argv[0]);
     disconnect(&t);
     if (t.cache_fd >= 0 && (close(t.cache_fd) < 0 || unlink(t.cache_path) < 0))
         warn("cannot remove the cache %s: %s", t.cache_path, strerror(errno));

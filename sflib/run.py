@@ -128,7 +128,7 @@ async def terminate_async(proc: asyncio.subprocess.Process, grace: float = KILL_
         await proc.wait()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: get SIGTERM when the daemon that started us dies,
     so a killed sfld never leaves a QEMU behind."""
     if _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
@@ -160,7 +160,7 @@ async def spawn(
                 stderr=out,
                 pass_fds=tuple(pass_fds),
                 env=dict(env) if env is not None else None,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
     except OSError as e:
         raise SystemFailure(f"cannot run {cmd[0]}: {e.strerror}") from e

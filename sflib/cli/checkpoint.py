@@ -24,6 +24,14 @@ def checkpoint(
             help="hooks.d to run in clones [default: /etc/snowflock/hooks.d].",
         ),
     ] = None,
+    avoidance: Annotated[
+        bool,
+        typer.Option(
+            "--avoidance/--no-avoidance",
+            envvar="SF_AVOIDANCE",
+            help="Report the guest's free pages so clones never fetch them.",
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print checkpoint and id.")] = False,
     debug: DebugOption = False,
     quiet: QuietOption = False,
@@ -31,7 +39,7 @@ def checkpoint(
     """Checkpoint this VM; print "CHECKPOINT 0". Clones made from it later with
     sf-clone --from resume here and print "CHECKPOINT ID"."""
     setup_logging(PROGRAM, debug, quiet)
-    name, clone_id = api.checkpoint_parent(hooks_dir)
+    name, clone_id = api.checkpoint_parent(hooks_dir, avoidance)
     print(json.dumps({"checkpoint": name, "id": clone_id}) if as_json else f"{name} {clone_id}")
 
 

@@ -29,6 +29,14 @@ def clone(
             help="hooks.d to run in clones [default: /etc/snowflock/hooks.d].",
         ),
     ] = None,
+    avoidance: Annotated[
+        bool,
+        typer.Option(
+            "--avoidance/--no-avoidance",
+            envvar="SF_AVOIDANCE",
+            help="Report the guest's free pages so clones never fetch them.",
+        ),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help='Print {"id": N}.')] = False,
     debug: DebugOption = False,
     quiet: QuietOption = False,
@@ -41,7 +49,7 @@ def clone(
     if from_checkpoint:
         clone_id = api.create_clones(from_checkpoint, ticket)
     else:
-        clone_id = api.clone(ticket, hooks_dir)
+        clone_id = api.clone(ticket, hooks_dir, avoidance)
     print(json.dumps({"id": clone_id}) if as_json else clone_id)
 
 

@@ -55,9 +55,17 @@ class Daemon:
         r, w = os.pipe()
         argv = ["nsenter", f"--net=/run/netns/{self.netns}", *self.argv, *extra,
                 "--ready-fd", str(w)]  # fmt: skip
+        # A test or a benchmark killed outright must not leave its daemons running.
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(argv, env=self.env, pass_fds=[w], stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=out)  # fmt: skip
+            self.proc = subprocess.Popen(
+                argv,
+                env=self.env,
+                pass_fds=[w],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                preexec_fn=run.die_with_parent,  # noqa: PLW1509 (no threads fork here)
+            )
         os.close(w)
         with os.fdopen(r, "rb") as ready:
             if ready.readline() != b"\n":

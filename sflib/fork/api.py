@@ -12,18 +12,23 @@ exit in the parent), UnreachableError (not a SnowFlock VM).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from pyxs import Client
 
-from sflib.fork import layout
+from sflib.fork import freepages, layout
 from sflib.hooks.runner import run_hooks
 from sflib.vm.guestbus import open_bus
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,17 +65,22 @@ def request_ticket(n: int) -> Ticket:
     return Ticket(result["ticket"], result["granted"], result["requested"])
 
 
-def clone(ticket: str, hooks_dir: str | None = None) -> int:
-    """0 in the parent; in each clone its ID, after hooks.d/clone-post.d ran."""
-    clone_id = int(request("clone", ticket=ticket)["id"])
+def clone(ticket: str, hooks_dir: str | None = None, avoidance: bool = True) -> int:
+    """0 in the parent; in each clone its ID, after hooks.d/clone-post.d ran.
+
+    With avoidance, the guest's free pages are taken and reported first, so that
+    clones never fetch them (sflib.fork.freepages)."""
+    with _free_pages(avoidance) as report:
+        clone_id = int(request("clone", ticket=ticket, **report)["id"])
     if clone_id:
         run_hooks("clone", "post", identity(), hooks_dir)
     return clone_id
 
 
-def checkpoint_parent(hooks_dir: str | None = None) -> tuple[str, int]:
+def checkpoint_parent(hooks_dir: str | None = None, avoidance: bool = True) -> tuple[str, int]:
     """(checkpoint, 0) now; (checkpoint, ID) in each clone made from it later."""
-    result = request("checkpoint")
+    with _free_pages(avoidance) as report:
+        result = request("checkpoint", **report)
     if result["id"]:
         run_hooks("clone", "post", identity(), hooks_dir)
     return str(result["checkpoint"]), int(result["id"])
@@ -95,6 +105,30 @@ def join(ticket: str) -> dict[str, Any]:
 
 def kill(ticket: str) -> dict[str, Any]:
     return dict(request("kill", ticket=ticket))
+
+
+@contextlib.contextmanager
+def _free_pages(avoidance: bool) -> Iterator[dict[str, str]]:
+    """{"freepages": KEY} naming the report of the pages held here, or {} when there is
+    none; the pages are held until the block ends (in the parent and the clones)."""
+    try:
+        held = freepages.reserve() if avoidance else None
+    except OSError as e:
+        log.warning("no free-page report: %s", e)
+        held = None
+    if held is None:
+        yield {}
+        return
+    try:
+        key = f"{layout.FREEPAGES}/{secrets.token_hex(4)}"
+        chunks = freepages.encode(freepages.runs(held.pfns))
+        with open_bus() as client:
+            for i, chunk in enumerate(chunks):
+                client.write(f"{key}/{i}".encode(), chunk)
+            client.write(f"{key}/chunks".encode(), str(len(chunks)).encode())
+        yield {"freepages": key}
+    finally:
+        held.release()
 
 
 def identity() -> dict[str, Any]:

@@ -12,12 +12,13 @@ of the VM's domain. Files:
 manifest.json, format "snowflock-descriptor-1":
     {"format", "id", "owner" (VM name), "named" (from sf-checkpoint, or made for
      one sf-clone), "created" (Unix time), "machine": {"memory_mib", "vcpus",
-     "accel", "kernel", "initrd", "append"}, "memory": {"path", "bytes"},
+     "accel", "kernel", "initrd", "append"}, "memory": {"path", "bytes", "free_pages"},
      "devstate": {"file", "bytes", "sha256"}, "xenstore": <domain snapshot>}
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sflib.errors import NotFoundError, SystemFailure
+from sflib.fork import freepages
 from sflib.vm.accel import Accel
 from sflib.vm.qemu import VMSpec
 from sflib.xenstore.snapshot import DomainSnapshot
@@ -49,11 +51,36 @@ class MemoryImage:
     def use(self, user: str) -> None:
         self.users.add(user)
 
+    @property
+    def free_map(self) -> Path:
+        """Its free-page map, for the memory server (c/memproto.h)."""
+        return self.path.with_name(self.path.name + ".free")
+
+    def mark_free(self, free_map: bytes) -> int:
+        """Write the free-page map and punch those pages out of the file (they hold
+        zeros: see sflib.fork.freepages). Returns how many pages. Raises SystemFailure."""
+        page_runs = freepages.set_runs(free_map)
+        partial = self.free_map.with_suffix(".free-new")
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+            try:
+                for first, count in page_runs:
+                    _punch(fd, first * freepages.PAGE, count * freepages.PAGE)
+            finally:
+                os.close(fd)
+            partial.write_bytes(free_map)
+            partial.rename(self.free_map)  # whole or not at all: the server checks its size
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise SystemFailure(f"cannot mark free pages in {self.path}: {e.strerror}") from e
+        return sum(count for _, count in page_runs)
+
     def release(self, user: str) -> None:
         """Forget a user; the last one out removes the file (if it is ours)."""
         self.users.discard(user)
         if not self.users and self.owned:
             self.path.unlink(missing_ok=True)
+            self.free_map.unlink(missing_ok=True)
             log.debug("memory image %s removed", self.path)
 
 
@@ -69,6 +96,7 @@ class Checkpoint:
     created: float = field(default_factory=time.time)
     rid: str = ""  # the request the VM was blocked in: its clones get the reply
     pause_ms: float | None = None
+    free_pages: int = 0  # pages the guest reported free: never sent to clones
 
     @property
     def devstate(self) -> Path:
@@ -86,7 +114,8 @@ class Checkpoint:
         return {
             "format": FORMAT, "id": self.id, "owner": self.owner, "named": self.named,
             "created": self.created, "machine": self.machine,
-            "memory": {"path": str(self.image.path), "bytes": self.image.path.stat().st_size},
+            "memory": {"path": str(self.image.path), "bytes": self.image.path.stat().st_size,
+                       "free_pages": self.free_pages},
             "devstate": {"file": self.devstate.name, "bytes": len(state),
                          "sha256": hashlib.sha256(state).hexdigest()},
             "xenstore": self.snapshot.to_json(),
@@ -98,6 +127,16 @@ class Checkpoint:
     def remove(self) -> None:
         self.image.release(self.id)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    if _LIBC.fallocate(fd, _PUNCH_HOLE, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def machine_of(spec: VMSpec) -> dict[str, Any]:

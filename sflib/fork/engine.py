@@ -16,11 +16,12 @@ from typing import Any
 
 from sflib.cluster.link import ClusterLink
 from sflib.errors import NotFoundError, SnowFlockError, SystemFailure, UsageError, WrongStateError
-from sflib.fork import layout, mechanics
+from sflib.fork import freepages, layout, mechanics
 from sflib.fork.checkpoint import Checkpoint
 from sflib.fork.hosted import HostedClones
 from sflib.fork.mechanics import CloneOrder
 from sflib.fork.remote import RemoteClones
+from sflib.fork.share import read_chunks
 from sflib.fork.tickets import Clone, CloneState, Ticket, TicketBook, TicketState
 from sflib.memory.service import MemoryService
 from sflib.sfld.vms import VM, VMTable
@@ -122,8 +123,9 @@ class ForkEngine:
 
     async def _op_clone(self, vm: VM, request: layout.Request) -> Any:
         ticket = self.book.usable(_str(request.args, "ticket"), vm.machine.spec.name)
+        free = self._free_report(vm, request)
         async with self._forking(vm):
-            ckpt = await self._checkpoint(vm, request.rid, named=False)
+            ckpt = await self._checkpoint(vm, request.rid, named=False, free=free)
             self.checkpoints[ckpt.id] = ckpt
             ticket.pause_ms, ticket.checkpoint = ckpt.pause_ms, ckpt.id
             self._reply(vm.machine.spec.domid, request.rid, layout.encode_result({"id": 0}))
@@ -131,8 +133,9 @@ class ForkEngine:
         return NO_REPLY
 
     async def _op_checkpoint(self, vm: VM, request: layout.Request) -> Any:
+        free = self._free_report(vm, request)
         async with self._forking(vm):
-            ckpt = await self._checkpoint(vm, request.rid, named=True)
+            ckpt = await self._checkpoint(vm, request.rid, named=True, free=free)
         self.checkpoints[ckpt.id] = ckpt
         ckpt.write_manifest()
         return {"checkpoint": ckpt.id, "id": 0}
@@ -197,7 +200,24 @@ class ForkEngine:
         finally:
             self.busy.discard(name)
 
-    async def _checkpoint(self, vm: VM, rid: str, named: bool) -> Checkpoint:
+    def _free_report(self, vm: VM, request: layout.Request) -> list[tuple[int, int]]:
+        """The page runs the guest reported free with request; the report is removed
+        either way, so that no checkpoint carries it."""
+        key = request.args.get("freepages")
+        if not isinstance(key, str) or not layout.FREEPAGES_KEY.match(key):
+            return []
+        base = f"/local/domain/{vm.machine.spec.domid}/{key}"
+        try:
+            return freepages.decode(read_chunks(self.bus.local.read, base))
+        except (XenStoreError, ValueError) as e:
+            log.warning("%s: free-page report ignored: %s", vm.machine.spec.name, e)
+            return []
+        finally:
+            with contextlib.suppress(XenStoreError):
+                self.bus.local.rm(base)
+
+    async def _checkpoint(self, vm: VM, rid: str, named: bool,
+                          free: list[tuple[int, int]]) -> Checkpoint:  # fmt: skip
         self._serial += 1
         ckpt_id = f"{'c' if named else 'k'}{self._serial}-{secrets.token_hex(3)}"
         started = time.perf_counter()
@@ -205,24 +225,29 @@ class ForkEngine:
         ckpt.rid = rid
         await mechanics.continue_from(self.vms, vm, ckpt)
         ckpt.pause_ms = round((time.perf_counter() - started) * 1000, 1)
-        log.info("%s paused %.1f ms for checkpoint %s", vm.machine.spec.name, ckpt.pause_ms,
-                 ckpt.id)  # fmt: skip
+        try:
+            mechanics.mark_free(ckpt, free)
+        except SystemFailure as e:  # clones then fetch those pages like any other
+            log.warning("%s: free pages not marked: %s", vm.machine.spec.name, e)
+        log.info("%s paused %.1f ms for checkpoint %s (%d free pages)", vm.machine.spec.name,
+                 ckpt.pause_ms, ckpt.id, ckpt.free_pages)  # fmt: skip
         return ckpt
 
     async def _spawn(self, parent: VM, ckpt: Checkpoint, ticket: Ticket,
                      reply: dict[str, Any]) -> None:  # fmt: skip
         """Start ticket's clones here and on the hosts the master chose."""
         ticket.state = TicketState.CLONING
+        started = time.perf_counter()
         ids = ticket.ids_by_host(self.here)
         remote = None
         if self.remote is not None and set(ids) - {self.here}:
-            remote = asyncio.create_task(
-                self.remote.spawn(
-                    ticket, ckpt, parent.machine.spec.domid, parent.machine.spec.name, reply, ids
-                )
-            )
+            remote = asyncio.create_task(self.remote.spawn(
+                ticket, ckpt, parent.machine.spec.domid, parent.machine.spec.name, reply, ids,
+                started))  # fmt: skip
         for k in ids.get(self.here, []):
             await self._spawn_here(parent, ckpt, ticket, k, reply)
+            if ticket.clones[k].state == CloneState.RUNNING:
+                ticket.clones[k].ready_ms = _ms_since(started)
         if remote is not None:
             await remote
         if ticket.state != TicketState.ENDED:
@@ -404,6 +429,10 @@ def _str(args: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise UsageError(f"{key} is required")
     return value
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
 
 
 def _running(k: int, name: str) -> Clone:

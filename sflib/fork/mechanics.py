@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from sflib.fork import freepages
 from sflib.fork.checkpoint import Checkpoint, MemoryImage, machine_of, materialise
 from sflib.memory import tap
 from sflib.sfld.vms import VM, VMState, VMTable
@@ -51,6 +52,15 @@ async def freeze(vms: VMTable, vm: VM, checkpoint_id: str, named: bool, dir: Pat
     image = MemoryImage(image_path)
     image.use(checkpoint_id)
     return Checkpoint(checkpoint_id, m.spec.name, named, dir, image, snap, machine_of(m.spec))
+
+
+def mark_free(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:
+    """Mark the pages the guest reported free (sflib.fork.freepages) in ckpt's image,
+    before its first clone. After the parent runs again is soon enough: those pages
+    hold zeros, and a hole reads the same. Raises SystemFailure."""
+    if free:
+        ram = ckpt.machine["memory_mib"] << 20
+        ckpt.free_pages = ckpt.image.mark_free(freepages.bitmap(free, ram))
 
 
 async def continue_from(vms: VMTable, vm: VM, ckpt: Checkpoint) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from typing import Any
 
 from sflib.cluster.link import ClusterLink
@@ -31,7 +32,8 @@ class RemoteClones:
         self.link = link
 
     async def spawn(self, ticket: Ticket, ckpt: Checkpoint, parent_domid: int, family: str,
-                    reply: dict[str, Any], ids: dict[str, list[int]]) -> None:  # fmt: skip
+                    reply: dict[str, Any], ids: dict[str, list[int]],
+                    started: float) -> None:  # fmt: skip
         """Start ticket's clones on the other hosts of ids; a host that fails marks its
         clones crashed. Never raises."""
         server = await self.memory.export()
@@ -45,22 +47,25 @@ class RemoteClones:
             for k in ids[host]:  # in the record before any report on them can come
                 ticket.clones[k] = Clone(k, f"{ticket.id}-{k}", host=host)
                 self._share_corner(parent_domid, ticket.id, k)
-        await asyncio.gather(*(self._spawn_on(ticket, h, ids[h], payload) for h in hosts))
+        await asyncio.gather(*(self._spawn_on(ticket, h, ids[h], payload, started)
+                               for h in hosts))  # fmt: skip
 
     async def _spawn_on(self, ticket: Ticket, host: str, ids: list[int],
-                        payload: dict[str, Any]) -> None:  # fmt: skip
+                        payload: dict[str, Any], started: float) -> None:  # fmt: skip
         try:
             peer = self.link.peer(ticket.addresses[host])
-            started = await peer.call("clone.start", **payload, ids=ids)
+            running = await peer.call("clone.start", **payload, ids=ids)
         except (SnowFlockError, KeyError) as e:
             log.warning("clones %s of ticket %s on %s did not start: %s", ids, ticket.id,
                         host, e)  # fmt: skip
-            started = {}
+            running = {}
+        ready_ms = round((time.perf_counter() - started) * 1000, 1)
         for k in ids:
-            if not started.get(str(k)):
+            ticket.clones[k].ready_ms = ready_ms
+            if not running.get(str(k)):
                 ticket.clones[k].state = CloneState.CRASHED
-        log.info("ticket %s: clones %s started on %s", ticket.id,
-                 [k for k in ids if started.get(str(k))], host)  # fmt: skip
+        log.info("ticket %s: clones %s running on %s after %.1f ms", ticket.id,
+                 [k for k in ids if running.get(str(k))], host, ready_ms)  # fmt: skip
 
     def _share_corner(self, parent_domid: int, ticket: str, k: int) -> None:
         corner = f"/local/domain/{parent_domid}/{layout.share_dir(ticket, k)}"

@@ -37,10 +37,11 @@ class Clone:
     state: CloneState = CloneState.RUNNING
     status: int | None = None
     host: str | None = None  # another host that runs it; None: this one
+    ready_ms: float | None = None  # from the start of the clone operation to running
 
     def to_json(self) -> dict[str, object]:
         return {"id": self.id, "vm": self.vm, "state": str(self.state), "status": self.status,
-                "host": self.host}  # fmt: skip
+                "host": self.host, "ready_ms": self.ready_ms}  # fmt: skip
 
 
 @dataclass

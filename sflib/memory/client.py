@@ -14,7 +14,8 @@ from sflib.errors import UnreachableError
 from sflib.memory import protocol
 from sflib.memory.protocol import Op, ProtocolError, Reply
 
-# The largest reply this client accepts: a STATS of a server with many clients.
+# The largest reply this client accepts: a STATS of a server with many clients. A
+# FREEMAP reply may be longer: its bound is its image's, ceil(pages / 8) bytes.
 MAX_REPLY = 16 * 1024 * 1024
 
 
@@ -64,6 +65,16 @@ class MemoryClient:
         reply, payload = self._read(offset, length)
         return protocol.assemble(payload, reply.pages)
 
+    def freemap(self) -> bytes:
+        """The open image's free-page map: bit i (of byte i // 8, least significant
+        first) set when page i is free; all zero bytes if the image has none."""
+        reply, payload = self._call(Op.FREEMAP, protocol.freemap())
+        try:
+            return protocol.decode_freemap(payload, reply.pages)
+        except ProtocolError:
+            self.close()
+            raise
+
     def stats(self) -> dict[str, Any]:
         _, payload = self._call(Op.STATS, protocol.stats())
         return protocol.decode_stats(payload)
@@ -106,7 +117,8 @@ class MemoryClient:
 
     def _receive(self) -> tuple[Reply, bytes]:
         reply = protocol.decode_reply(self._recv(protocol.HEADER))
-        if reply.length > MAX_REPLY:
+        limit = protocol.bitmap_bytes(reply.pages) if reply.op == Op.FREEMAP else MAX_REPLY
+        if reply.length > limit:
             raise ProtocolError(f"reply of {reply.length} bytes is too long")
         return reply, self._recv(reply.length)
 

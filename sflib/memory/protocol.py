@@ -21,6 +21,7 @@ HEADER = 24
 MAX_NAME = 255
 MAX_SECRET = 1024
 MAX_READ = 1024 * 1024
+MAX_FREEMAP = 512 * 1024 * 1024  # a FREEMAP reply's payload: ceil(2**32 - 1 pages / 8)
 
 _REQUEST = struct.Struct("<IHHIIQ")
 _REPLY = struct.Struct("<IHHIIQ")
@@ -31,6 +32,7 @@ class Op(IntEnum):
     OPEN = 2
     READ = 3
     STATS = 4
+    FREEMAP = 5
 
 
 class Status(IntEnum):
@@ -83,6 +85,10 @@ def read(offset: int, length: int) -> bytes:
 
 def stats() -> bytes:
     return encode_request(Op.STATS)
+
+
+def freemap() -> bytes:
+    return encode_request(Op.FREEMAP)
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,16 @@ def decode_stats(payload: bytes) -> dict[str, Any]:
     if not isinstance(result, dict):
         raise ProtocolError("malformed STATS reply: not an object")
     return result
+
+
+def decode_freemap(payload: bytes, pages: int) -> bytes:
+    """A FREEMAP reply's map (the reply's pages: the image's), the bits past the last
+    page cleared. Raises ProtocolError if it is not ceil(pages / 8) bytes."""
+    if len(payload) != bitmap_bytes(pages):
+        raise ProtocolError(f"FREEMAP reply of {len(payload)} bytes for {pages} pages")
+    if not pages % 8:
+        return payload
+    return payload[:-1] + bytes([payload[-1] & ((1 << pages % 8) - 1)])
 
 
 def free_map(free_pages: set[int] | list[int], total_pages: int) -> bytes:

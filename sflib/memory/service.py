@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class MemoryService:
         self.server = MemoryServer(ServerSpec(images, listen, tap.secret_file),
                                    log_dir / "memserver.log")  # fmt: skip
         self.mounts: dict[tuple[str, str], _Mount] = {}
+        self.unmounted: deque[dict[str, Any]] = deque(maxlen=64)  # last counters of each
         self._lock = asyncio.Lock()
 
     def recover(self) -> list[Path]:
@@ -97,22 +99,26 @@ class MemoryService:
             mount.users.discard(user)
             if not mount.users:
                 del self.mounts[server, image]
+                self.unmounted.append(await self._describe(server, image, mount))
                 await mount.tap.stop()
 
     async def stats(self) -> dict[str, Any]:
-        taps = []
-        for (server, image), mount in self.mounts.items():
-            entry: dict[str, Any] = {"server": server, "image": image,
-                                     "file": str(mount.tap.spec.file),
-                                     "users": sorted(mount.users)}  # fmt: skip
-            try:
-                # A thread: a file read has no asyncio form, and memtap answers it only
-                # between two fetches, which may wait up to its timeout.
-                entry.update(await asyncio.wait_for(asyncio.to_thread(mount.tap.stats), 15))
-            except (SnowFlockError, TimeoutError) as e:
-                entry["error"] = str(e) or "memtap did not answer"
-            taps.append(entry)
-        return {"memserver": self.server.address if self.server.alive else None, "taps": taps}
+        taps = [await self._describe(server, image, mount)
+                for (server, image), mount in self.mounts.items()]  # fmt: skip
+        return {"memserver": self.server.address if self.server.alive else None, "taps": taps,
+                "unmounted": list(self.unmounted)}  # fmt: skip
+
+    async def _describe(self, server: str, image: str, mount: _Mount) -> dict[str, Any]:
+        entry: dict[str, Any] = {"server": server, "image": image,
+                                 "file": str(mount.tap.spec.file),
+                                 "users": sorted(mount.users)}  # fmt: skip
+        try:
+            # A thread: a file read has no asyncio form, and memtap answers it only
+            # between two fetches, which may wait up to its timeout.
+            entry.update(await asyncio.wait_for(asyncio.to_thread(mount.tap.stats), 15))
+        except (SnowFlockError, TimeoutError) as e:
+            entry["error"] = str(e) or "memtap did not answer"
+        return entry
 
     async def close(self) -> None:
         async with self._lock:

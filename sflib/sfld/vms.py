@@ -332,6 +332,7 @@ class VMTable:
         shutil.rmtree(self.state_dir.parent / "checkpoints", ignore_errors=True)
         for pattern, folder in (
             ("*.mem", self.memory_dir),
+            ("*.mem.free", self.memory_dir),
             ("*.qmp", self.run_dir),
             ("*.xenbus", self.run_dir),
         ):

@@ -38,7 +38,7 @@ else
   echo "$id $(sha256sum /tmp/state | cut -c1-16) $(hostname)" | sf-share put result
   until python3 -c "from sflib.vm.guestbus import open_bus; open_bus().read(b'go')" \
     2>/dev/null; do sleep 1; done
-  head -c 64M /dev/urandom > /tmp/scratch
+  dd if=/dev/urandom of=/tmp/scratch bs=1M count=64 2>/dev/null
   sf-exit $((id + 20))
 fi
 """

@@ -252,6 +252,74 @@ def test_image_without_free_map_sends_its_free_looking_pages(
     assert [i for i, p in enumerate(present) if not p] == [i for i in range(32) if is_zero(i)]
 
 
+# Free-page maps -------------------------------------------------------------------------
+
+
+def test_freemap_is_the_free_file(server: Server, image_dir: Path) -> None:
+    with server.client() as c:
+        free = c.freemap()
+        assert c.read(5 * PAGE, PAGE) == bytes(PAGE)  # the connection goes on
+    assert free == (image_dir / "vm.free").read_bytes()
+    assert [i for i, p in enumerate(protocol.pages_present(free, PAGES)) if p] == [
+        i for i in range(PAGES) if is_free(i)
+    ]
+
+
+def test_freemap_without_free_file_is_all_zeros(server: Server) -> None:
+    with server.client(image="plain") as c:
+        assert c.freemap() == bytes(64 // 8)
+
+
+def test_freemap_clears_the_bits_past_the_last_page(server: Server, image_dir: Path) -> None:
+    (image_dir / "odd").write_bytes(b"x" * (11 * PAGE))
+    (image_dir / "odd.free").write_bytes(b"\xff\xff")
+    sock = greeted(server)
+    sock.sendall(protocol.open_image("odd") + protocol.freemap())
+    assert recv_reply(sock).status == Status.OK
+    assert recv_reply(sock) == protocol.Reply(Op.FREEMAP, Status.OK, 2, 11, 0)
+    assert recv_exact(sock, 2) == bytes([0xFF, 0b0000_0111])
+    sock.close()
+
+
+def test_freemap_of_a_1_gib_image_exceeds_the_request_limit(
+    server: Server, image_dir: Path
+) -> None:
+    pages = (1 << 30) // PAGE
+    with (image_dir / "big").open("wb") as f:
+        f.truncate(1 << 30)  # sparse
+    free = protocol.free_map({0, 1, 4097, pages - 1}, pages)
+    (image_dir / "big.free").write_bytes(free)
+    with server.client(image="big") as c:
+        got = c.freemap()
+        assert c.read((pages - 1) * PAGE, PAGE) == bytes(PAGE)
+    assert len(got) == 32 * 1024 > protocol.MAX_SECRET
+    assert got == free
+
+
+def test_freemap_before_open_is_estate_and_the_connection_stays(server: Server) -> None:
+    sock = greeted(server)
+    sock.sendall(protocol.freemap())
+    assert recv_reply(sock) == protocol.Reply(Op.FREEMAP, Status.ESTATE, 0, 0, 0)
+    sock.sendall(request(Op.FREEMAP, b"x"))  # no payload allowed
+    assert recv_reply(sock).status == Status.EINVAL
+    sock.sendall(protocol.open_image("plain") + protocol.freemap())
+    assert recv_reply(sock).status == Status.OK
+    assert recv_reply(sock) == protocol.Reply(Op.FREEMAP, Status.OK, 8, 64, 0)
+    assert recv_exact(sock, 8) == bytes(8)
+    sock.close()
+
+
+def test_freemaps_are_counted(server: Server) -> None:
+    with server.client() as c, server.client(image=None) as early:
+        with refused(Status.ESTATE):
+            early.freemap()
+        c.freemap()
+        c.freemap()
+        stats = c.stats()
+    assert (stats["freemaps"], stats["errors"], stats["reads"]) == (2, 1, 0)
+    assert stats["bytes_sent"] == 4 * 24 + 2 * (24 + PAGES // 8)  # HELLOs, OPEN, ESTATE
+
+
 def test_unlinked_image_still_reads(server: Server, image_dir: Path, served_bytes: bytes) -> None:
     with server.client() as c:
         (image_dir / "vm").unlink()
@@ -444,7 +512,7 @@ def test_without_secret_file_any_secret_works(
         assert proc.wait(timeout=30) == 0
 
 
-@pytest.mark.parametrize("op", [Op.OPEN, Op.READ, Op.STATS])
+@pytest.mark.parametrize("op", [Op.OPEN, Op.READ, Op.STATS, Op.FREEMAP])
 def test_a_request_before_hello_is_refused_and_closed(server: Server, op: Op) -> None:
     sock = server.raw()
     sock.sendall(request(op, b"vm" if op == Op.OPEN else b""))
@@ -697,6 +765,7 @@ def test_valgrind_finds_no_errors_or_leaks(
                 assert c.read(0, protocol.MAX_READ) == served_bytes[: protocol.MAX_READ]
                 with refused(Status.ERANGE):
                     c.read(PAGES * PAGE, PAGE)
+                assert c.freemap() == (image_dir / "vm.free").read_bytes()
                 c.stats()
             (image_dir / "vm").unlink()
             keeper.read(0, PAGE)
@@ -713,8 +782,11 @@ def test_valgrind_finds_no_errors_or_leaks(
             sock.sendall(protocol.hello(SECRET)[:7])
             sock.close()
             fuzz(srv, seed=7, rounds=30)
-            with client_when_room(srv, image=None) as c, refused(Status.ENOENT):
-                c.open("vm")
+            with client_when_room(srv, image=None) as c:
+                with refused(Status.ESTATE):
+                    c.freemap()
+                with refused(Status.ENOENT):
+                    c.open("vm")
             srv.proc.send_signal(signal.SIGUSR1)
             keeper.stats()
             status = srv.stop()

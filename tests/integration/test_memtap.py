@@ -3,7 +3,8 @@ mount, its cache, prefetch, private mappings as QEMU makes them, a server that d
 or goes silent, start-up failures, and a run under valgrind.
 
 The fake server speaks the protocol with sflib.memory.protocol's codec only, serves
-files of a folder, and records each READ it answers and each page whose data it sent.
+files of a folder with the free-page map it is given, and records each READ it answers,
+each page whose data it sent and each FREEMAP it answers.
 """
 
 from __future__ import annotations
@@ -62,11 +63,13 @@ class FakeServer:
     folder: Path
     secret: bytes = b""
     free: set[int] = field(default_factory=set)  # pages reported free, never sent
+    freemap: bool = True  # False: FREEMAP is refused, as an older server does
     reads: list[tuple[int, int]] = field(default_factory=list)  # (first page, pages)
     sent: Counter[int] = field(default_factory=Counter)  # page -> times its data was sent
+    freemaps: int = 0  # FREEMAP requests answered with the map
     connections: int = 0
     silent: threading.Event = field(default_factory=threading.Event)
-    corrupt: bool = False  # READ replies name the wrong offset
+    corrupt: bool = False  # READ replies name the wrong offset, FREEMAP's a wrong size
     stopped: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -149,6 +152,8 @@ class FakeServer:
                 page = data[i : i + PAGE]
                 image.append(None if i // PAGE in self.free or not any(page) else page)
             return mp.encode_reply(op, value=len(data), pages=len(image))
+        if op == Op.FREEMAP and self.freemap:
+            return self._freemap(image)
         if op != Op.READ:
             return mp.encode_reply(op, Status.EINVAL)
         first, count = request.offset // PAGE, request.length // PAGE
@@ -162,6 +167,16 @@ class FakeServer:
             self.sent.update(first + i for i, page in enumerate(pages) if page is not None)
         value = request.offset + PAGE if self.corrupt else request.offset
         return mp.encode_reply(op, payload=mp.read_payload(pages), pages=count, value=value)
+
+    def _freemap(self, image: list[bytes | None]) -> bytes:
+        if not image:
+            return mp.encode_reply(Op.FREEMAP, Status.ESTATE)
+        free = mp.free_map({p for p in self.free if p < len(image)}, len(image))
+        with self.lock:
+            self.freemaps += 1
+        if self.corrupt:
+            free += b"\0"
+        return mp.encode_reply(Op.FREEMAP, payload=free, pages=len(image))
 
 
 def make_image(folder: Path, pages: int, zero: Collection[int] = (), name: str = "vm") -> bytes:
@@ -345,12 +360,13 @@ def test_reads_match_the_image_and_read_again_without_the_server(
     assert tap.stop() == 0
 
 
+@pytest.mark.parametrize("freemap", [True, False], ids=["freemap", "older-server"])
 def test_zero_and_free_pages_are_not_sent_but_read_as_zeros(
-    server: FakeServer, images: Path, mount: Mount
+    server: FakeServer, images: Path, mount: Mount, freemap: bool
 ) -> None:
     zero, free = {0, 5, 6, 7, 40, 63}, {10, 11, 62}
     source = make_image(images, 64, zero=zero)
-    server.free = free
+    server.free, server.freemap = free, freemap
     tap = mount(server)
     expected = b"".join(
         bytes(PAGE) if i in free else source[i * PAGE : (i + 1) * PAGE] for i in range(64)
@@ -359,8 +375,80 @@ def test_zero_and_free_pages_are_not_sent_but_read_as_zeros(
     assert tap.file.read_bytes() == expected
     assert set(server.sent) == set(range(64)) - zero - free
     stats = tap.stats()
-    assert stats["pages_zero"] == len(zero | free)
+    # With the map, free pages are present from the start: no READ brings them in.
+    assert stats["pages_zero"] == len(zero if freemap else zero | free)
+    assert stats["pages_free"] == (len(free) if freemap else 0)
+    assert stats["pages_cached"] == 64 - stats["pages_free"]
     assert stats["pages_fetched"] == 64 - len(zero | free)
+    assert server.freemaps == int(freemap)
+    assert tap.output().count("refused FREEMAP (EINVAL)") == int(not freemap)
+
+
+def test_free_pages_read_as_zeros_without_a_request(
+    server: FakeServer, images: Path, mount: Mount
+) -> None:
+    free = {*range(10, 20), 30, 32, 33}
+    source = make_image(images, 64)
+    served = b"".join(
+        bytes(PAGE) if i in free else source[i * PAGE : (i + 1) * PAGE] for i in range(64)
+    )
+    server.free = free
+    tap = mount(server, "--prefetch", "8")
+    assert tap.stats()["pages_free"] == len(free)
+    with opened(tap.file, random_access=True) as fd:
+        assert pread_page(fd, 12) == bytes(PAGE)
+        assert pread_page(fd, 10, 10) == bytes(10 * PAGE)
+        assert server.reads == []
+        assert tap.stats()["cache_hits"] >= 2
+        # The prefetch window stops short of the free pages after page 5.
+        assert pread_page(fd, 5) == source[5 * PAGE : 6 * PAGE]
+        assert server.reads == [(5, 5)]
+        # Free pages between missing ones are spanned, not split around; never sent.
+        assert pread_page(fd, 29) == served[29 * PAGE : 30 * PAGE]
+        assert server.reads == [(5, 5), (29, 9)]
+        assert pread_page(fd, 30, 8) == served[30 * PAGE : 38 * PAGE]
+    assert server.reads == [(5, 5), (29, 9)]
+    assert not set(server.sent) & free
+    stats = tap.stats()
+    assert (stats["pages_free"], stats["pages_cached"], stats["pages_zero"]) == (13, 11, 0)
+    assert (stats["requests"], stats["pages_fetched"]) == (2, 11)
+    assert server.freemaps == 1
+
+
+def test_a_free_map_longer_than_a_request_payload(
+    server: FakeServer, images: Path, mount: Mount
+) -> None:
+    pages = 9001  # a map of 1126 bytes: more than MP_MAX_PAYLOAD
+    source = make_image(images, pages, zero=range(16, pages))
+    server.free = {1, *range(8000, pages)}
+    tap = mount(server, "--prefetch", "0")
+    with opened(tap.file, random_access=True) as fd:
+        assert pread_page(fd, pages - 1) == bytes(PAGE)
+        assert pread_page(fd, 8000) == bytes(PAGE)
+        assert pread_page(fd, 1) == bytes(PAGE)
+        assert server.reads == []
+        assert pread_page(fd, 7999) == source[7999 * PAGE : 8000 * PAGE]
+        assert pread_page(fd, 0) == source[:PAGE]
+    assert server.reads == [(7999, 1), (0, 1)]
+    stats = tap.stats()
+    assert (stats["pages"], stats["pages_free"]) == (pages, 1 + pages - 8000)
+
+
+def test_an_older_server_without_freemap_still_serves(
+    server: FakeServer, images: Path, mount: Mount
+) -> None:
+    source = make_image(images, 64)
+    server.free, server.freemap = {3, 4}, False
+    tap = mount(server, "--prefetch", "0")
+    with opened(tap.file, random_access=True) as fd:
+        assert pread_page(fd, 3) == bytes(PAGE)  # asked for: the map is unknown
+        server.drop()
+        assert pread_page(fd, 2, 3) == source[2 * PAGE : 3 * PAGE] + bytes(2 * PAGE)
+    assert server.reads == [(3, 1), (2, 1), (4, 1)]
+    assert server.connections == 2
+    stats = tap.stats()
+    assert (stats["pages_free"], stats["pages_zero"], stats["server_alive"]) == (0, 2, True)
+    assert tap.output().count("refused FREEMAP") == 1  # said once, not at each reconnection
 
 
 def test_prefetch_extends_a_fetch_and_is_clipped(
@@ -573,7 +661,7 @@ def test_a_dropped_connection_is_reopened(server: FakeServer, images: Path, moun
         assert "reconnecting" in tap.output()
         server.drop()  # a fault later on gets its own reconnection
         assert pread_page(fd, 3) == source[3 * PAGE : 4 * PAGE]
-    assert server.connections == 3
+    assert server.connections == server.freemaps == 3  # each learns the free pages again
     assert tap.stats()["server_alive"] is True
 
 
@@ -663,6 +751,19 @@ def test_a_refused_image_exits_111(
     assert not mounted(tmp_path / "mnt")
 
 
+def test_a_wrong_free_map_exits_111(memtap_binary: Path, images: Path, tmp_path: Path) -> None:
+    make_image(images, 4)
+    fake = FakeServer(images, corrupt=True)
+    try:
+        out = run_memtap(memtap_binary, tmp_path, *start_args(tmp_path, fake.address))
+    finally:
+        fake.die()
+    assert (out.returncode, out.stderr.count("\n")) == (111, 1), out.stderr
+    assert "FREEMAP: Protocol error" in out.stderr
+    assert not mounted(tmp_path / "mnt")
+    assert not (tmp_path / "cache").exists()
+
+
 def test_help_and_misuse(memtap_binary: Path, tmp_path: Path) -> None:
     out = run_memtap(memtap_binary, tmp_path, "--help")
     assert out.returncode == 0
@@ -693,14 +794,18 @@ def test_no_memory_errors_or_leaks_under_valgrind(
     server: FakeServer, images: Path, mount: Mount
 ) -> None:
     source = make_image(images, 64, zero={7})
+    server.free = {20, 63}
     wrapper = ["valgrind", "-q", "--error-exitcode=1", "--leak-check=full"]
     tap = mount(server, "--prefetch", "4", wrapper=wrapper, ready_timeout=VALGRIND_TIMEOUT)
     with opened(tap.file, random_access=True) as fd:
         assert pread_page(fd, 2, 3) == source[2 * PAGE : 5 * PAGE]
         assert pread_page(fd, 7) == bytes(PAGE)
+        assert pread_page(fd, 20) == bytes(PAGE)  # free: no request
         with pytest.raises(OSError):
             os.pwrite(fd, b"x", 0)
-    assert tap.stats()["pages_cached"] == 10  # 2-6 (page 2 and 4 more), 7-11
+    stats = tap.stats()
+    assert stats["pages_cached"] == 10  # 2-6 (page 2 and 4 more), 7-11
+    assert (stats["pages_free"], stats["requests"]) == (2, 2)
     server.die()
     with opened(tap.file, random_access=True) as fd, pytest.raises(OSError):
         pread_page(fd, 40)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import stat
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,8 +13,10 @@ from types import SimpleNamespace
 import pytest
 
 from sflib.errors import NotFoundError, UsageError, WrongStateError
-from sflib.fork import layout
+from sflib.fork import freepages, layout
+from sflib.fork.checkpoint import MemoryImage
 from sflib.fork.engine import ForkEngine
+from sflib.fork.freepages import PAGE, ram_offset
 from sflib.fork.share import CHUNK, chunks
 from sflib.fork.tickets import Clone, CloneState, TicketBook, TicketState
 from sflib.hooks.runner import HookFailed, hooks_in, run_hooks
@@ -121,3 +124,47 @@ async def test_a_second_fork_of_the_same_vm_is_refused(tmp_path: Path) -> None:
     async with engine._forking(vm):  # type: ignore[arg-type]  (free again)
         pass
     await table.bus.close()
+
+
+def test_free_page_reports_survive_the_trip_and_land_in_the_ram_file() -> None:
+    pfns = [5, 6, 7, 100, 3, 4, 9000]
+    assert freepages.runs(pfns) == [(3, 5), (100, 1), (9000, 1)]
+    chunks = freepages.encode(freepages.runs(pfns))
+    assert all(len(c) <= 2048 for c in chunks)
+    assert freepages.decode(chunks) == [(3, 5), (100, 1), (9000, 1)]
+    free_map = freepages.bitmap(freepages.decode(chunks), 64 << 20)  # 16384 pages
+    assert len(free_map) == 2048
+    assert freepages.set_runs(free_map) == [(3, 5), (100, 1), (9000, 1)]
+
+
+def test_a_big_report_is_chunked_and_garbage_is_refused() -> None:
+    pfns = random.Random(1).sample(range(1 << 18), 60000)
+    chunks = freepages.encode(freepages.runs(pfns))
+    assert len(chunks) > 1 and all(len(c) <= 2048 for c in chunks)
+    assert sum(n for _, n in freepages.decode(chunks)) == 60000
+    for bad in ([b"not base64!"], [b"aGVsbG8="], []):
+        with pytest.raises(ValueError):
+            freepages.decode(bad)
+
+
+def test_q35_puts_ram_above_4g_past_2_75_gib() -> None:
+    assert ram_offset(10, 1 << 30) == 10 * PAGE
+    assert ram_offset((1 << 30) // PAGE, 1 << 30) is None  # past the RAM
+    big = 4 << 30
+    assert ram_offset((0x80000000 // PAGE) - 1, big) == 0x80000000 - PAGE
+    assert ram_offset(0x80000000 // PAGE, big) is None  # the PCI hole
+    assert ram_offset((1 << 32) // PAGE, big) == 0x80000000
+
+
+def test_marking_free_pages_punches_them_out_of_the_image(tmp_path: Path) -> None:
+    image = MemoryImage(tmp_path / "k1.mem")
+    image.path.write_bytes(b"\1" * (16 * freepages.PAGE))
+    free_map = freepages.bitmap([(2, 3), (10, 1)], 16 * freepages.PAGE)
+    assert image.mark_free(free_map) == 4
+    data = image.path.read_bytes()
+    pages = [data[i * freepages.PAGE : (i + 1) * freepages.PAGE] for i in range(16)]
+    assert [i for i, p in enumerate(pages) if p == bytes(freepages.PAGE)] == [2, 3, 4, 10]
+    assert image.free_map.read_bytes() == free_map
+    image.use("x")
+    image.release("x")
+    assert not image.path.exists() and not image.free_map.exists()

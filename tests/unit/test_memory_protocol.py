@@ -42,6 +42,7 @@ def test_constants_match_the_c_header() -> None:
     assert c["MP_MAX_NAME"] == protocol.MAX_NAME
     assert c["MP_MAX_SECRET"] == protocol.MAX_SECRET
     assert c["MP_MAX_READ"] == protocol.MAX_READ
+    assert c["MP_MAX_FREEMAP"] == protocol.MAX_FREEMAP == protocol.bitmap_bytes(2**32 - 1)
     assert {op.name: op.value for op in Op} == {
         k.removeprefix("MP_OP_"): v for k, v in c.items() if k.startswith("MP_OP_")
     }
@@ -74,6 +75,34 @@ def test_read_has_no_payload_and_its_length_is_the_range() -> None:
 
 def test_stats_is_a_bare_header() -> None:
     assert protocol.stats() == struct.pack("<IHHIIQ", protocol.MAGIC, Op.STATS, 0, 0, 0, 0)
+
+
+def test_freemap_is_a_bare_header() -> None:
+    assert protocol.freemap() == struct.pack("<IHHIIQ", protocol.MAGIC, Op.FREEMAP, 0, 0, 0, 0)
+    assert protocol.decode_request(protocol.freemap()) == protocol.Request(Op.FREEMAP, 0, 0)
+
+
+def test_freemap_reply_round_trip() -> None:
+    free = protocol.free_map({0, 9, 10, 5000}, 9001)
+    raw = protocol.encode_reply(Op.FREEMAP, payload=free, pages=9001)
+    assert len(free) == 1126 > protocol.MAX_SECRET  # longer than any request's payload
+    got = protocol.decode_reply(raw[: protocol.HEADER])
+    assert got == protocol.Reply(Op.FREEMAP, Status.OK, 1126, 9001, 0)
+    decoded = protocol.decode_freemap(raw[protocol.HEADER :], got.pages)
+    assert decoded == free
+    assert [i for i, p in enumerate(protocol.pages_present(decoded, 9001)) if p] == [0, 9, 10, 5000]
+
+
+def test_decode_freemap_clears_the_bits_past_the_last_page() -> None:
+    assert protocol.decode_freemap(bytes([0xFF, 0xFF]), 11) == bytes([0xFF, 0b0000_0111])
+    assert protocol.decode_freemap(bytes([0xFF]), 8) == bytes([0xFF])
+    assert protocol.decode_freemap(b"", 0) == b""
+
+
+@pytest.mark.parametrize(("payload", "pages"), [(bytes(2), 8), (bytes(1), 9), (b"", 1)])
+def test_decode_freemap_raises_on_the_wrong_size(payload: bytes, pages: int) -> None:
+    with pytest.raises(ProtocolError, match="FREEMAP"):
+        protocol.decode_freemap(payload, pages)
 
 
 def test_reply_round_trip() -> None:
