@@ -132,8 +132,11 @@ test: deps man c lint test-c test-bats test-all
 cluster: deps man c
 	bin/sf-testcluster run --hosts 3
 
-bench: deps
+bench: deps c
 	$(PY) bench/xenstore_bench.py
+	$(PY) bench/vm_bench.py
+	$(PY) bench/fork_bench.py
+	$(PY) bench/remote_bench.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
