@@ -20,12 +20,30 @@ import typer
 from sflib import log as sflog
 from sflib.errors import SnowFlockError, UsageError
 from sflib.exitcodes import ExitCode
-from sflib.settings import Setting, to_toml
+from sflib.paths import Paths
+from sflib.settings import Setting, resolve, to_toml
 
 DebugOption = Annotated[
     bool, typer.Option("--debug", help="Log debug messages and show tracebacks on errors.")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors.")]
+SocketOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--socket",
+        "-s",
+        envvar="SF_SFLD_SOCKET",
+        help="sfld's control socket [default: $SF_ROOTDIR/run/snowflock/sfld.sock].",
+    ),
+]
+AvoidanceOption = Annotated[
+    bool,
+    typer.Option(
+        "--avoidance/--no-avoidance",
+        envvar="SF_AVOIDANCE",
+        help="Report the guest's free pages so clones never fetch them.",
+    ),
+]
 
 
 class _Settings:
@@ -109,3 +127,42 @@ def show_config(settings: tuple[Setting, ...], values: dict[str, Any], as_json: 
                          indent=2))  # fmt: skip
     else:
         sys.stdout.write(to_toml(settings, values, table))
+
+
+def daemon_command(program: str, help_text: str, settings: tuple[Setting, ...],
+                   run: Callable[[dict[str, Any], int | None], None]) -> click.Command:  # fmt: skip
+    """A daemon's command line: an option per setting, and --config, --print-config,
+    --json, --ready-fd, --debug, --quiet. The settings come from the TOML table named
+    after the program; run(values, ready_fd) gets them resolved."""
+
+    def callback(config: str | None, print_config: bool, as_json: bool, ready_fd: int | None,
+                 debug: bool, quiet: bool, **cli: Any) -> None:  # fmt: skip
+        setup_logging(program, debug, quiet)
+        values = resolve(settings, Paths.from_env(), Path(config) if config else None, cli,
+                         table=program)  # fmt: skip
+        if print_config:
+            show_config(settings, values, as_json, program)
+            return
+        log = logging.getLogger(program)
+        log.info("started as: %s", " ".join([program, *sys.argv[1:]]))
+        log.info("configuration: %s", ", ".join(f"{k}={v}" for k, v in values.items()))
+        run(values, ready_fd)
+
+    return click.Command(
+        program, callback=callback, help=help_text,
+        context_settings={"help_option_names": ["-h", "--help"]},
+        params=[
+            click.Option(["--config", "-c"], type=click.Path(dir_okay=False),
+                         help=f"TOML config file [default: $SF_ROOTDIR/etc/snowflock/"
+                              f"{program}.toml]."),
+            *(setting_option(s) for s in settings),
+            click.Option(["--print-config"], is_flag=True,
+                         help="Print the effective configuration and exit."),
+            click.Option(["--json", "as_json"], is_flag=True,
+                         help="With --print-config: as JSON."),
+            click.Option(["--ready-fd"], type=int, help="Write a newline to this fd once ready."),
+            click.Option(["--debug"], is_flag=True,
+                         help="Log debug messages and show tracebacks."),
+            click.Option(["--quiet", "-q"], is_flag=True, help="Log only warnings and errors."),
+        ],
+    )  # fmt: skip

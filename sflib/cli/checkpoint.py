@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sflib.cli.app import DebugOption, QuietOption, main, make_app, setup_logging
+from sflib.cli.app import AvoidanceOption, DebugOption, QuietOption, main, make_app, setup_logging
 from sflib.fork import api
 
 PROGRAM = "sf-checkpoint"
@@ -24,14 +24,7 @@ def checkpoint(
             help="hooks.d to run in clones [default: /etc/snowflock/hooks.d].",
         ),
     ] = None,
-    avoidance: Annotated[
-        bool,
-        typer.Option(
-            "--avoidance/--no-avoidance",
-            envvar="SF_AVOIDANCE",
-            help="Report the guest's free pages so clones never fetch them.",
-        ),
-    ] = True,
+    avoidance: AvoidanceOption = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print checkpoint and id.")] = False,
     debug: DebugOption = False,
     quiet: QuietOption = False,

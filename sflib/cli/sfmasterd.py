@@ -7,35 +7,19 @@ TOML keys (table [sfmasterd]) and environment variables.
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
-import click
-
-from sflib.cli.app import main, notify_ready, setting_option, setup_logging, show_config
+from sflib.cli.app import daemon_command, main, notify_ready
 from sflib.cluster.master import Master, open_registry
 from sflib.cluster.wire import read_secret
-from sflib.paths import Paths
-from sflib.settings import MASTER_SETTINGS, resolve
+from sflib.settings import MASTER_SETTINGS
 
 PROGRAM = "sfmasterd"
-TABLE = "sfmasterd"
-log = logging.getLogger(PROGRAM)
 
 
-def _run(config: str | None, print_config: bool, as_json: bool, ready_fd: int | None,
-         debug: bool, quiet: bool, **cli: Any) -> None:  # fmt: skip
-    setup_logging(PROGRAM, debug, quiet)
-    settings = resolve(MASTER_SETTINGS, Paths.from_env(), Path(config) if config else None, cli,
-                       table=TABLE)  # fmt: skip
-    if print_config:
-        show_config(MASTER_SETTINGS, settings, as_json, TABLE)
-        return
-    log.info("started as: %s", " ".join([PROGRAM, *sys.argv[1:]]))
-    log.info("configuration: %s", ", ".join(f"{k}={v}" for k, v in settings.items()))
+def _run(settings: dict[str, Any], ready_fd: int | None) -> None:
     secret = read_secret(Path(settings["secret_file"]))
     master = Master(open_registry(Path(settings["state_dir"])), settings["heartbeat"],
                     settings["host_timeout"])  # fmt: skip
@@ -50,24 +34,13 @@ async def _serve(master: Master, listen: str, secret: bytes, ready_fd: int | Non
     await master.run(listen, secret, stopping, on_ready=lambda: notify_ready(ready_fd))
 
 
-app = click.Command(
+app = daemon_command(
     PROGRAM,
-    callback=_run,
-    help="Run the SnowFlock master daemon in the foreground: the hosts of the cluster "
-    "register and heartbeat here, and tickets are granted across them.",
-    context_settings={"help_option_names": ["-h", "--help"]},
-    params=[
-        click.Option(["--config", "-c"], type=click.Path(dir_okay=False),
-                     help="TOML config file [default: $SF_ROOTDIR/etc/snowflock/sfmasterd.toml]."),
-        *(setting_option(s) for s in MASTER_SETTINGS),
-        click.Option(["--print-config"], is_flag=True,
-                     help="Print the effective configuration and exit."),
-        click.Option(["--json", "as_json"], is_flag=True, help="With --print-config: as JSON."),
-        click.Option(["--ready-fd"], type=int, help="Write a newline to this fd once ready."),
-        click.Option(["--debug"], is_flag=True, help="Log debug messages and show tracebacks."),
-        click.Option(["--quiet", "-q"], is_flag=True, help="Log only warnings and errors."),
-    ],
-)  # fmt: skip
+    "Run the SnowFlock master daemon in the foreground: the hosts of the cluster register "
+    "and heartbeat here, and tickets are granted across them.",
+    MASTER_SETTINGS,
+    _run,
+)
 
 if __name__ == "__main__":
     main(PROGRAM, app)

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sflib.cli.app import DebugOption, QuietOption, main, make_app, setup_logging
+from sflib.cli.app import DebugOption, QuietOption, SocketOption, main, make_app, setup_logging
 from sflib.errors import NotFoundError
 from sflib.paths import Paths
 from sflib.sfld.control import ControlClient
@@ -29,15 +29,7 @@ class _Context:
 
 @app.callback()
 def options(
-    socket: Annotated[
-        Path | None,
-        typer.Option(
-            "--socket",
-            "-s",
-            envvar="SF_SFLD_SOCKET",
-            help="sfld's control socket [default: $SF_ROOTDIR/run/snowflock/sfld.sock].",
-        ),
-    ] = None,
+    socket: SocketOption = None,
     debug: DebugOption = False,
     quiet: QuietOption = False,
 ) -> None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from sflib.cli.app import DebugOption, QuietOption, main, make_app, setup_logging
+from sflib.cli.app import DebugOption, QuietOption, main, make_app, notify_ready, setup_logging
 from sflib.errors import SystemFailure, UsageError
 from sflib.paths import Paths
 from sflib.xenstore.server import XenStoreServer
@@ -83,7 +82,7 @@ async def _serve(path: Path, quotas: Quotas, ready_fd: int | None) -> None:
     except OSError as e:
         raise SystemFailure(f"cannot listen on {path}: {e.strerror}") from e
     log.info("listening on %s (quotas: %s)", path, quotas)
-    _notify_ready(ready_fd)
+    notify_ready(ready_fd)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,16 +91,6 @@ async def _serve(path: Path, quotas: Quotas, ready_fd: int | None) -> None:
     log.info("shutting down")
     await server.close()
     path.unlink(missing_ok=True)
-
-
-def _notify_ready(fd: int | None) -> None:
-    if fd is None:
-        return
-    try:
-        os.write(fd, b"\n")
-        os.close(fd)
-    except OSError as e:
-        raise UsageError(f"--ready-fd {fd}: {e.strerror}") from e
 
 
 if __name__ == "__main__":

@@ -142,12 +142,17 @@ def running_host(guest_image: image.Result, *sfld_args: str) -> Iterator[Host]:
         if h.proc is not None:
             h.proc.kill()
             h.proc.wait()
-        for line in qemu_processes(h.memory_dir):
-            os.kill(int(line.split()[0]), signal.SIGKILL)
-        for point in memtap_mounts(h.memory_dir):
-            subprocess.run(["umount", "-l", point], check=False)
-        shutil.rmtree(h.memory_dir, ignore_errors=True)
+        _remove_leftovers(h.memory_dir)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _remove_leftovers(memory_dir: Path) -> None:
+    """After a failed test: what a host's sfld did not clean up, by force."""
+    for line in qemu_processes(memory_dir):
+        os.kill(int(line.split()[0]), signal.SIGKILL)
+    for point in memtap_mounts(memory_dir):
+        subprocess.run(["umount", "-l", point], check=False)
+    shutil.rmtree(memory_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -223,10 +228,6 @@ def running_cluster(guest_image: image.Result, n: int = 3, *sfld_args: str) -> I
                 assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
             assert cluster.leftovers() == []
     finally:
-        for host in [Host(workdir / f"h{i}", guest_image.out, "tcg") for i in range(1, n + 1)]:
-            for line in qemu_processes(host.memory_dir):
-                os.kill(int(line.split()[0]), signal.SIGKILL)
-            for point in memtap_mounts(host.memory_dir):
-                subprocess.run(["umount", "-l", point], check=False)
-            shutil.rmtree(host.memory_dir, ignore_errors=True)
+        for i in range(1, n + 1):
+            _remove_leftovers(Paths(workdir / f"h{i}").memory_dir)
         shutil.rmtree(workdir, ignore_errors=True)

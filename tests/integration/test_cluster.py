@@ -19,11 +19,20 @@ from typing import Any
 import pytest
 
 from sflib.image import build as image
-from tests.integration.conftest import Cluster, Host, boot, console, processes, running_cluster
+from tests.integration.conftest import (
+    GO,
+    Cluster,
+    Host,
+    boot,
+    console,
+    processes,
+    running_cluster,
+)
 
 pytestmark = pytest.mark.vm
 
-FORK = """
+FORK = (
+    """
 dd if=/dev/urandom of=/tmp/state bs=1M count=8 2>/dev/null
 h=$(sha256sum /tmp/state | cut -c1-16)
 t=$(sf-ticket 2)
@@ -36,12 +45,14 @@ if [ "$id" = 0 ]; then
   echo "PARENT $h"; echo SF-DONE
 else
   echo "$id $(sha256sum /tmp/state | cut -c1-16) $(hostname)" | sf-share put result
-  until python3 -c "from sflib.vm.guestbus import open_bus; open_bus().read(b'go')" \
-    2>/dev/null; do sleep 1; done
+  """
+    + GO
+    + """
   dd if=/dev/urandom of=/tmp/scratch bs=1M count=64 2>/dev/null
   sf-exit $((id + 20))
 fi
 """
+)
 
 
 @pytest.fixture
