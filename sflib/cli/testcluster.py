@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -48,6 +49,15 @@ def run_cluster(
     """Start the master and N hosts; describe them; run until SIGTERM or SIGINT."""
     root = workdir or Path(tempfile.mkdtemp(prefix="sfc-", dir="/tmp"))
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        _run(root, hosts, image_dir, accel, ready_fd, as_json)
+    finally:
+        if workdir is None:  # ours: nothing of it stays; a --dir is left to look at
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(root: Path, hosts: int, image_dir: Path, accel: str, ready_fd: int | None,
+         as_json: bool) -> None:  # fmt: skip
     sfld_args = ["--accel", accel, "--image-dir", str(image_dir.absolute())]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # set-up undone, as for ^C
     with Testbed.create(root, hosts=hosts, sfld_args=sfld_args) as bed:
