@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from pyxs import Client
+from pyxs import Client, PyXSError
 
 from sflib.fork import freepages, layout
 from sflib.hooks.runner import run_hooks
@@ -119,8 +119,8 @@ def _free_pages(avoidance: bool) -> Iterator[dict[str, str]]:
     if held is None:
         yield {}
         return
+    key = f"{layout.FREEPAGES}/{secrets.token_hex(4)}"
     try:
-        key = f"{layout.FREEPAGES}/{secrets.token_hex(4)}"
         chunks = freepages.encode(freepages.runs(held.pfns))
         with open_bus() as client:
             for i, chunk in enumerate(chunks):
@@ -129,6 +129,16 @@ def _free_pages(avoidance: bool) -> Iterator[dict[str, str]]:
         yield {"freepages": key}
     finally:
         held.release()
+        _forget(key)
+
+
+def _forget(key: str) -> None:
+    """Remove a free-page report sfld did not take (it refused the request early)."""
+    try:
+        with open_bus() as client:
+            client.delete(key.encode())
+    except PyXSError:
+        log.debug("free-page report %s already gone", key)
 
 
 def identity() -> dict[str, Any]:

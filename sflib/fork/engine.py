@@ -122,8 +122,8 @@ class ForkEngine:
         return {"ticket": ticket.id, "granted": ticket.granted, "requested": ticket.requested}
 
     async def _op_clone(self, vm: VM, request: layout.Request) -> Any:
+        free = self._free_report(vm, request)  # first: gone even if the clone is refused
         ticket = self.book.usable(_str(request.args, "ticket"), vm.machine.spec.name)
-        free = self._free_report(vm, request)
         async with self._forking(vm):
             ckpt = await self._checkpoint(vm, request.rid, named=False, free=free)
             self.checkpoints[ckpt.id] = ckpt
