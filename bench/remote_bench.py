@@ -183,7 +183,7 @@ def spread(n: int) -> dict[str, Any]:
 
 
 def tables(results: dict[str, Any]) -> None:
-    out = Console()
+    out = Console(width=140)
     if results["demo"]:
         t = Table(title="demo job (POV-Ray band per clone): memory each clone fetched")
         for c in ("avoidance", "RAM", "pages fetched / clone", "share of RAM", "free pages",
