@@ -223,8 +223,8 @@ class ForkEngine:
         started = time.perf_counter()
         ckpt = await mechanics.freeze(self.vms, vm, ckpt_id, named, self.checkpoint_dir / ckpt_id)
         ckpt.rid = rid
-        await mechanics.continue_from(self.vms, vm, ckpt)
-        ckpt.pause_ms = round((time.perf_counter() - started) * 1000, 1)
+        resumed = await mechanics.continue_from(self.vms, vm, ckpt)
+        ckpt.pause_ms = round((resumed - started) * 1000, 1)
         try:
             mechanics.mark_free(ckpt, free)
         except SystemFailure as e:  # clones then fetch those pages like any other

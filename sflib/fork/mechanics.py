@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from sflib.fork import freepages
@@ -63,8 +64,10 @@ def mark_free(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:
         ckpt.free_pages = ckpt.image.mark_free(freepages.bitmap(free, ram))
 
 
-async def continue_from(vms: VMTable, vm: VM, ckpt: Checkpoint) -> None:
-    """vm (paused, just frozen into ckpt) goes on in a new QEMU restored from ckpt.
+async def continue_from(vms: VMTable, vm: VM, ckpt: Checkpoint) -> float:
+    """vm (paused, just frozen into ckpt) goes on in a new QEMU restored from ckpt;
+    returns when (time.perf_counter()) it ran again: the old QEMU's exit, which
+    frees its mappings, comes after.
 
     Its XenStore session moves to the new QEMU's channel. If that fails, the old
     QEMU, only paused, runs again on its old memory. Raises what the start raised.
@@ -81,6 +84,7 @@ async def continue_from(vms: VMTable, vm: VM, ckpt: Checkpoint) -> None:
         await new.wait_bus()
         await new.load_state(ckpt.devstate)
         await new.resume()
+        resumed = time.perf_counter()
     except BaseException:
         await new.stop()
         await _undo_freeze(old, ckpt)
@@ -91,6 +95,7 @@ async def continue_from(vms: VMTable, vm: VM, ckpt: Checkpoint) -> None:
     vms.images[name] = ckpt.image
     old.files = dataclasses.replace(old.files, extra={})  # the VM's record and logs stay
     await old.stop()
+    return resumed
 
 
 async def _undo_freeze(old: Machine, ckpt: Checkpoint) -> None:
