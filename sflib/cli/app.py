@@ -27,6 +27,7 @@ DebugOption = Annotated[
     bool, typer.Option("--debug", help="Log debug messages and show tracebacks on errors.")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 SocketOption = Annotated[
     Path | None,
     typer.Option(

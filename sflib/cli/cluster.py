@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
-from sflib.cli.app import DebugOption, QuietOption, SocketOption, main, make_app, setup_logging
+from sflib.cli.app import (
+    DebugOption,
+    JsonOption,
+    QuietOption,
+    SocketOption,
+    main,
+    make_app,
+    setup_logging,
+)
 from sflib.paths import Paths
 from sflib.sfld.control import ControlClient
 
 PROGRAM = "sf-cluster"
 app = make_app("Show the SnowFlock cluster: this host's link, the hosts, the tickets.")
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
 class _Context:

@@ -16,13 +16,12 @@ from rich.console import Console
 from rich.table import Table
 
 from sflib import run
-from sflib.cli.app import DebugOption, QuietOption, main, make_app, setup_logging
+from sflib.cli.app import DebugOption, JsonOption, QuietOption, main, make_app, setup_logging
 from sflib.errors import NotFoundError, SystemFailure
 from sflib.memory.tap import MEMTAP, TapSpec, memtap_argv, mounts, read_stats, unmount_argv
 
 PROGRAM = "sf-memtap"
 app = make_app("Mount remote memory images through memtap (FUSE) and inspect the mounts.")
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 MountArg = Annotated[Path, typer.Argument(help="A memtap mount point.", file_okay=False)]
 
 

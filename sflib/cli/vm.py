@@ -12,14 +12,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sflib.cli.app import DebugOption, QuietOption, SocketOption, main, make_app, setup_logging
+from sflib.cli.app import (
+    DebugOption,
+    JsonOption,
+    QuietOption,
+    SocketOption,
+    main,
+    make_app,
+    setup_logging,
+)
 from sflib.errors import NotFoundError
 from sflib.paths import Paths
 from sflib.sfld.control import ControlClient
 
 PROGRAM = "sf-vm"
 app = make_app("Start, list, watch and stop the VMs of the local sfld.")
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 NameArg = Annotated[str, typer.Argument(help="The VM's name.")]
 
 
