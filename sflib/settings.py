@@ -141,7 +141,7 @@ SFLD_SETTINGS: tuple[Setting, ...] = (
         "secret_file",
         Path,
         lambda p: p.secret_file,
-        "The cluster's shared secret, the same on every host (created if missing).",
+        "The cluster's shared secret, the same on every host (made if missing and alone).",
     ),
     Setting(
         "ready_timeout",

@@ -59,9 +59,9 @@ class Daemon:
         except OSError as e:
             raise SystemFailure(f"cannot create sfld's folders: {e}") from e
         self.vms.recover()
+        self.cluster = self._cluster_link()
         self.memory = self._memory_service()
         self.memory.recover()
-        self.cluster = self._cluster_link()
         self.fork = ForkEngine(self.vms, self.settings["max_clones"],
                                Path(self.settings["state_dir"]), self.memory,
                                self.settings["clone_memory"] == "memtap", self.cluster)  # fmt: skip
@@ -86,7 +86,8 @@ class Daemon:
 
     def _memory_service(self) -> MemoryService:
         s = self.settings
-        secret = ensure_secret(Path(s["secret_file"]))
+        # A cluster's secret must be the one every host has: made up here, it would not be.
+        secret = Path(s["secret_file"]) if s["master"] else ensure_secret(Path(s["secret_file"]))
         taps = TapSettings(secret, s["memtap_prefetch"], s["memtap_timeout"])
         return MemoryService(Path(s["memory_dir"]), Path(s["state_dir"]) / "memory",
                              s["memserver_listen"], taps)  # fmt: skip

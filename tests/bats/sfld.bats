@@ -126,3 +126,31 @@ start_sfld() {
     run sf-vm ls --json
     [ "$output" = "[]" ]
 }
+
+@test "sfld in a cluster will not make up a secret: exit 2, nothing left running" {
+    run --separate-stderr sfld --accel tcg --master 127.0.0.1:1 --secret-file "$TMP/none"
+    [ "$status" -eq 2 ]
+    [[ "$stderr" == *"cannot read the shared secret $TMP/none"* ]]
+    [ ! -e "$TMP/none" ]
+    printf 'short\n' >"$TMP/short"
+    run --separate-stderr sfld --accel tcg --master 127.0.0.1:1 --secret-file "$TMP/short"
+    [ "$status" -eq 2 ]
+    [[ "$stderr" == *"too short"* ]]
+    [ ! -e "$TMP/run/snowflock/sfld.sock" ]
+}
+
+@test "sfmasterd: --help, a missing secret (2), a clean SIGTERM" {
+    run sfmasterd --help
+    [ "$status" -eq 0 ]
+    [[ "$output" == *"--host-timeout"* ]]
+    run --separate-stderr sfmasterd --secret-file "$TMP/none"
+    [ "$status" -eq 2 ]
+    [[ "$stderr" == *"cannot read the shared secret"* ]]
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/secret"
+    sfmasterd --listen 127.0.0.1:0 --secret-file "$TMP/secret" --state-dir "$TMP/m" 2>"$TMP/log" &
+    pid=$!
+    for _ in $(seq 100); do grep -q "ready" "$TMP/log" && break; sleep 0.1; done
+    kill -TERM "$pid"
+    wait "$pid"
+    [ -f "$TMP/m/master.db" ]
+}
