@@ -28,6 +28,7 @@ from tests.integration.conftest import (
     processes,
     running_cluster,
 )
+from tests.integration.test_fork import CHECKPOINT
 
 pytestmark = pytest.mark.vm
 
@@ -172,3 +173,17 @@ def test_the_master_restarted_during_a_ticket(cluster: Cluster) -> None:
     assert ticket_id == ticket["ticket"] and ended is not None
     hosts = json.loads(h1.tool("sf-cluster", "hosts", "--json").stdout)
     assert sorted(h["host"] for h in hosts if h["alive"]) == ["h1", "h2", "h3"]
+
+
+def test_a_checkpoint_cloned_later_onto_other_hosts(cluster: Cluster) -> None:
+    h1 = cluster.hosts[0]
+    info = boot(h1, "ckpt", CHECKPOINT)
+    ckpt = re.search(r"^CKPT (\S+)", console(h1, "ckpt", "CKPT"), re.M).group(1)  # type: ignore[union-attr]
+    time.sleep(5)  # the parent moves on; the checkpoint stays as it was
+    h1.xenstore("xenstore-write", f"/local/domain/{info['domid']}/go", "1")
+    out = console(h1, "ckpt")
+    assert "CREATE 0" in out and "JOIN rc=0" in out
+    for k in (1, 2):  # resumed inside sf-checkpoint, on h2 and h3, with the old memory
+        assert f"FROM {k} {ckpt} {k} before" in out
+    (ticket,) = h1.vm_json("tickets")
+    assert {c["host"] for c in ticket["clones"].values()} == {"h2", "h3"}
