@@ -94,6 +94,7 @@ class Daemon:
 
 @dataclass
 class TestHost(Daemon):
+    __test__ = False  # not a test class, whatever pytest thinks of its name
     address: str = ""  # on the underlay
 
     @property
@@ -103,6 +104,7 @@ class TestHost(Daemon):
 
 @dataclass
 class Testbed:
+    __test__ = False  # not a test class, whatever pytest thinks of its name
     workdir: Path
     tag: str
     subnet: str  # "10.250.N", a /24 inside our namespaces only
@@ -117,9 +119,10 @@ class Testbed:
     @classmethod
     @contextlib.contextmanager
     def create(cls, workdir: Path, hosts: int = 3, sfld_args: Sequence[str] = (),
-               subnet: str = "10.250.0") -> Iterator[Testbed]:  # fmt: skip
-        """Make the namespaces and start the master and every sfld; on leaving, stop
-        them and remove everything. Raises SnowFlockError."""
+               subnet: str = "10.250.0", daemons: bool = True) -> Iterator[Testbed]:  # fmt: skip
+        """Make the namespaces and start the master and every sfld (daemons=False: the
+        network alone); on leaving, stop them and remove everything. Raises
+        SnowFlockError."""
         tag = "sf" + secrets.token_hex(3)
         secret = workdir / "secret"
         secret.write_text(secrets.token_hex(32) + "\n")
@@ -131,14 +134,15 @@ class Testbed:
         try:
             bed._network(hosts)
             master_root.mkdir(parents=True, exist_ok=True)
-            master.start()
+            if daemons:
+                master.start()
             for i in range(1, hosts + 1):
-                bed.hosts.append(bed._host(i, secret, sfld_args))
+                bed.hosts.append(bed._host(i, secret, sfld_args, daemons))
             yield bed
         finally:
             bed.destroy()
 
-    def _host(self, i: int, secret: Path, sfld_args: Sequence[str]) -> TestHost:
+    def _host(self, i: int, secret: Path, sfld_args: Sequence[str], start: bool) -> TestHost:
         ip = f"{self.subnet}.{10 + i}"
         root = self.workdir / f"h{i}"
         root.mkdir(parents=True, exist_ok=True)
@@ -146,7 +150,8 @@ class Testbed:
                 "--peer-listen", f"{ip}:{PEER_PORT}", "--memserver-listen",
                 f"{ip}:{MEMSERVER_PORT}", "--secret-file", str(secret), *sfld_args]  # fmt: skip
         host = TestHost(f"h{i}", f"{self.tag}-h{i}", root, argv, address=ip)
-        host.start()
+        if start:
+            host.start()
         return host
 
     def _network(self, hosts: int) -> None:

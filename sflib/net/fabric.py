@@ -1,0 +1,116 @@
+"""A family's layer-2 network on one host: a Linux bridge, joined to the bridges of
+the family's other hosts by a VXLAN device with the family's VNI over the hosts'
+underlay. Without multicast on the underlay, each peer host is an all-zeros entry in
+the VXLAN forwarding table (head-end replication); the bridge learns the rest.
+
+Names carry the family number so that a restarted sfld can find and remove what a
+dead one left: sfb<F> (bridge), sfx<F> (VXLAN). netns runs the commands in that
+network namespace (the tests' hosts); None: in sfld's own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+
+from sflib import run
+from sflib.errors import CommandFailed
+from sflib.net import identity
+
+log = logging.getLogger(__name__)
+
+VXLAN_PORT = 4789
+_OURS = re.compile(r"^sf[bx](\d+)$")
+
+
+def bridge_name(family: int) -> str:
+    return f"sfb{identity.check_family(family)}"
+
+
+def vxlan_name(family: int) -> str:
+    return f"sfx{identity.check_family(family)}"
+
+
+@dataclass
+class FamilyFabric:
+    """The family network of one host. Use create(), join(), attach(), destroy()."""
+
+    family: int
+    underlay_ip: str  # this host's address on the underlay
+    netns: str | None = None
+    peers: set[str] = field(default_factory=set)
+
+    @property
+    def bridge(self) -> str:
+        return bridge_name(self.family)
+
+    @property
+    def vxlan(self) -> str:
+        return vxlan_name(self.family)
+
+    def create(self) -> None:
+        """The bridge and the VXLAN device, up. Raises CommandFailed (nothing left)."""
+        try:
+            self._ip("link", "add", self.bridge, "type", "bridge")
+            self._ip("link", "add", self.vxlan, "type", "vxlan", "id",
+                     str(identity.vni(self.family)), "local", self.underlay_ip,
+                     "dstport", str(VXLAN_PORT), "nolearning")  # fmt: skip
+            self._ip("link", "set", self.vxlan, "master", self.bridge, "up")
+            self._ip("link", "set", self.bridge, "up")
+        except CommandFailed:
+            self.destroy()
+            raise
+        log.info("family %d: bridge %s, VXLAN %s (VNI %d)", self.family, self.bridge,
+                 self.vxlan, identity.vni(self.family))  # fmt: skip
+
+    def join(self, peer_ip: str) -> None:
+        """Flood the family's broadcasts and unknown frames to another host too."""
+        if peer_ip in self.peers or peer_ip == self.underlay_ip:
+            return
+        self._bridge("fdb", "append", "00:00:00:00:00:00", "dev", self.vxlan, "dst", peer_ip)
+        self.peers.add(peer_ip)
+
+    def attach(self, ifname: str) -> None:
+        """Put an interface (a VM's tap) on the family's bridge."""
+        self._ip("link", "set", ifname, "master", self.bridge, "up")
+
+    def destroy(self) -> None:
+        """Remove both devices (attached taps fall off the bridge); never raises."""
+        for dev in (self.vxlan, self.bridge):
+            if dev in links(self.netns):
+                try:
+                    self._ip("link", "del", dev)
+                except CommandFailed as e:
+                    log.warning("cannot remove %s: %s", dev, e)
+        self.peers.clear()
+
+    def _ip(self, *argv: str) -> None:
+        run.run(["ip", *_ns(self.netns), *argv], timeout=30)
+
+    def _bridge(self, *argv: str) -> None:
+        run.run(["bridge", *_ns(self.netns), *argv], timeout=30)
+
+
+def links(netns: str | None = None) -> list[str]:
+    """The names of the network interfaces (of netns)."""
+    out = run.run(["ip", *_ns(netns), "-j", "link", "show"], timeout=30)
+    return [str(link["ifname"]) for link in json.loads(out.stdout or "[]")]
+
+
+def leftovers(netns: str | None = None) -> list[int]:
+    """The families whose devices are here, made by this sfld or a dead one."""
+    return sorted({int(m.group(1)) for name in links(netns) if (m := _OURS.match(name))})
+
+
+def remove_leftovers(underlay_ip: str, netns: str | None = None) -> list[int]:
+    """Remove every family network device a dead sfld left (at start-up)."""
+    found = leftovers(netns)
+    for family in found:
+        FamilyFabric(family, underlay_ip, netns).destroy()
+    return found
+
+
+def _ns(netns: str | None) -> list[str]:
+    return ["-n", netns] if netns else []

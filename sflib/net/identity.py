@@ -1,0 +1,77 @@
+"""A family member's network identity, a function of the family and the ID (pure).
+
+A family is a number f (1..4095) the cluster gives a parent and its clones. Its
+members' MACs are 02:53:46 (locally administered, "SF") followed by 12 bits of f
+and 12 bits of the clone ID (0 is the parent), so the family's range is one prefix
+and any frame from outside it is recognisable. Its subnet is the f-th /20 of
+10.0.0.0/8: .1 is the family's router, the parent .2, clone k .2+k. Its VXLAN
+network identifier is VNI_BASE + f.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from sflib.errors import UsageError
+
+OUI = (0x02, 0x53, 0x46)
+MAX_FAMILY = 0xFFF
+MAX_ID = 0xFFF - 3  # .0 the network, .1 the router, .2 the parent, the last the broadcast
+VNI_BASE = 0x530000
+BASE = ipaddress.IPv4Network("10.0.0.0/8")
+PREFIX = 20
+
+
+@dataclass(frozen=True)
+class Identity:
+    family: int
+    clone_id: int
+    mac: str
+    ip: str  # with its prefix length, e.g. 10.0.16.3/20
+    gateway: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"family_net": self.family, "mac": self.mac, "ip": self.ip,
+                "gateway": self.gateway}  # fmt: skip
+
+
+def check_family(family: int) -> int:
+    if not 1 <= family <= MAX_FAMILY:
+        raise UsageError(f"family {family} out of range", hint=f"1 to {MAX_FAMILY}")
+    return family
+
+
+def subnet(family: int) -> ipaddress.IPv4Network:
+    check_family(family)
+    return ipaddress.IPv4Network((int(BASE.network_address) + (family << (32 - PREFIX)), PREFIX))
+
+
+def mac(family: int, clone_id: int) -> str:
+    check_family(family)
+    _check_id(clone_id)
+    tail = (family << 12) | clone_id
+    return ":".join(f"{b:02x}" for b in (*OUI, tail >> 16, (tail >> 8) & 0xFF, tail & 0xFF))
+
+
+def mac_prefix(family: int) -> tuple[str, str]:
+    """(address, mask) matching every MAC of the family, as filters want them."""
+    check_family(family)
+    return mac(family, 0), "ff:ff:ff:ff:f0:00"
+
+
+def identity(family: int, clone_id: int) -> Identity:
+    net = subnet(family)
+    _check_id(clone_id)
+    address = net.network_address + 2 + clone_id
+    return Identity(family, clone_id, mac(family, clone_id), f"{address}/{PREFIX}",
+                    str(net.network_address + 1))  # fmt: skip
+
+
+def vni(family: int) -> int:
+    return VNI_BASE + check_family(family)
+
+
+def _check_id(clone_id: int) -> None:
+    if not 0 <= clone_id <= MAX_ID:
+        raise UsageError(f"clone ID {clone_id} has no address", hint=f"0 to {MAX_ID}")

@@ -1,0 +1,54 @@
+"""A family member's MAC, IP and VNI as functions of the family and the ID."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from sflib.errors import UsageError
+from sflib.net import identity
+from sflib.net.fabric import bridge_name, vxlan_name
+
+
+def test_identity_is_a_function_of_family_and_id() -> None:
+    me = identity.identity(1, 0)
+    assert (me.mac, me.ip, me.gateway) == ("02:53:46:00:10:00", "10.0.16.2/20", "10.0.16.1")
+    assert identity.identity(1, 3).ip == "10.0.16.5/20"
+    assert identity.identity(1, 3) == identity.identity(1, 3)
+
+
+def test_no_two_members_of_any_families_share_a_mac_or_an_ip() -> None:
+    members = [(f, k) for f in (1, 2, 255, 4095) for k in (0, 1, 2, 4092)]
+    macs = {identity.mac(f, k) for f, k in members}
+    ips = {identity.identity(f, k).ip for f, k in members}
+    assert len(macs) == len(ips) == len(members)
+
+
+def test_a_familys_macs_share_its_prefix_and_no_one_elses() -> None:
+    address, mask = identity.mac_prefix(9)
+
+    def masked(mac: str) -> list[int]:
+        return [
+            int(a, 16) & int(m, 16) for a, m in zip(mac.split(":"), mask.split(":"), strict=True)
+        ]
+
+    assert all(masked(identity.mac(9, k)) == masked(address) for k in (0, 1, 4092))
+    assert masked(identity.mac(10, 0)) != masked(address)
+
+
+def test_addresses_stay_inside_the_familys_subnet() -> None:
+    for family in (1, 4095):
+        net = identity.subnet(family)
+        for k in (0, identity.MAX_ID):
+            address = ipaddress.IPv4Address(identity.identity(family, k).ip.split("/")[0])
+            assert address in net and address not in (net.network_address,
+                                                      net.broadcast_address)  # fmt: skip
+
+
+def test_out_of_range_is_refused() -> None:
+    for family, k in ((0, 1), (4096, 1), (1, -1), (1, identity.MAX_ID + 1)):
+        with pytest.raises(UsageError):
+            identity.identity(family, k)
+    assert identity.vni(1) != identity.vni(2)
+    assert len(bridge_name(4095)) <= 15 and len(vxlan_name(4095)) <= 15  # IFNAMSIZ
