@@ -3,9 +3,15 @@ the family's other hosts by a VXLAN device with the family's VNI over the hosts'
 underlay. Without multicast on the underlay, each peer host is an all-zeros entry in
 the VXLAN forwarding table (head-end replication); the bridge learns the rest.
 
+Layer-2 isolation: an nftables table of the bridge family drops every frame whose
+source MAC lies outside the family's range (sflib.net.identity) as it enters from a
+member's tap or from another host, and as it leaves towards either. A member cannot
+speak as anyone else, and nothing from outside reaches a member.
+
 Names carry the family number so that a restarted sfld can find and remove what a
-dead one left: sfb<F> (bridge), sfx<F> (VXLAN). netns runs the commands in that
-network namespace (the tests' hosts); None: in sfld's own.
+dead one left: sfb<F> (bridge), sfx<F> (VXLAN), sft<F>-<ID> (members' taps), table
+bridge sf_f<F>. netns runs the commands in that network namespace (the tests'
+hosts); None: in sfld's own.
 """
 
 from __future__ import annotations
@@ -31,6 +37,28 @@ def bridge_name(family: int) -> str:
 
 def vxlan_name(family: int) -> str:
     return f"sfx{identity.check_family(family)}"
+
+
+def tap_name(family: int, clone_id: int) -> str:
+    """A member's tap: the name says whose it is, which the filter relies on."""
+    return f"sft{identity.check_family(family)}-{clone_id}"
+
+
+def table_name(family: int) -> str:
+    return f"sf_f{identity.check_family(family)}"
+
+
+def isolation_rules(family: int) -> str:
+    """The family's nftables table (pure): foreign source MACs go nowhere."""
+    prefix, mask = identity.mac_prefix(family)
+    foreign = f"ether saddr & {mask} != {prefix} counter drop"
+    ports = (vxlan_name(family), f"sft{family}-*")
+    rules = "".join(f"        {way} \"{port}\" {foreign}\n"
+                    for way in ("iifname", "oifname") for port in ports)  # fmt: skip
+    return (f"table bridge {table_name(family)} {{\n"
+            "    chain forward {\n"
+            "        type filter hook forward priority 0; policy accept;\n"
+            f"{rules}    }}\n}}\n")  # fmt: skip
 
 
 @dataclass
@@ -59,6 +87,7 @@ class FamilyFabric:
                      "dstport", str(VXLAN_PORT), "nolearning")  # fmt: skip
             self._ip("link", "set", self.vxlan, "master", self.bridge, "up")
             self._ip("link", "set", self.bridge, "up")
+            self._nft("-f", "-", input=isolation_rules(self.family))
         except CommandFailed:
             self.destroy()
             raise
@@ -77,20 +106,37 @@ class FamilyFabric:
         self._ip("link", "set", ifname, "master", self.bridge, "up")
 
     def destroy(self) -> None:
-        """Remove both devices (attached taps fall off the bridge); never raises."""
+        """Remove the devices (attached taps fall off the bridge) and the table;
+        never raises."""
         for dev in (self.vxlan, self.bridge):
             if dev in links(self.netns):
                 try:
                     self._ip("link", "del", dev)
                 except CommandFailed as e:
                     log.warning("cannot remove %s: %s", dev, e)
+        if self.family in tables(self.netns):
+            try:
+                self._nft("delete", "table", "bridge", table_name(self.family))
+            except CommandFailed as e:
+                log.warning("cannot remove table %s: %s", table_name(self.family), e)
         self.peers.clear()
+
+    def dropped(self) -> int:
+        """Frames the isolation rules dropped so far."""
+        out = run.run([*_nsenter(self.netns), "nft", "-j", "list", "table", "bridge",
+                       table_name(self.family)], timeout=30)  # fmt: skip
+        items = json.loads(out.stdout)["nftables"]
+        return sum(e["counter"]["packets"] for item in items if "rule" in item
+                   for e in item["rule"]["expr"] if "counter" in e)  # fmt: skip
 
     def _ip(self, *argv: str) -> None:
         run.run(["ip", *_ns(self.netns), *argv], timeout=30)
 
     def _bridge(self, *argv: str) -> None:
         run.run(["bridge", *_ns(self.netns), *argv], timeout=30)
+
+    def _nft(self, *argv: str, input: str | None = None) -> None:
+        run.run([*_nsenter(self.netns), "nft", *argv], timeout=30, input=input)
 
 
 def links(netns: str | None = None) -> list[str]:
@@ -99,9 +145,18 @@ def links(netns: str | None = None) -> list[str]:
     return [str(link["ifname"]) for link in json.loads(out.stdout or "[]")]
 
 
+def tables(netns: str | None = None) -> list[int]:
+    """The families whose nftables tables are here."""
+    out = run.run([*_nsenter(netns), "nft", "-j", "list", "tables", "bridge"], timeout=30)
+    names = [i["table"]["name"] for i in json.loads(out.stdout or "{}").get("nftables", [])
+             if "table" in i]  # fmt: skip
+    return sorted(int(n[4:]) for n in names if re.fullmatch(r"sf_f\d+", n))
+
+
 def leftovers(netns: str | None = None) -> list[int]:
-    """The families whose devices are here, made by this sfld or a dead one."""
-    return sorted({int(m.group(1)) for name in links(netns) if (m := _OURS.match(name))})
+    """The families whose devices or tables are here, made by this sfld or a dead one."""
+    found = {int(m.group(1)) for name in links(netns) if (m := _OURS.match(name))}
+    return sorted(found | set(tables(netns)))
 
 
 def remove_leftovers(underlay_ip: str, netns: str | None = None) -> list[int]:
@@ -114,3 +169,7 @@ def remove_leftovers(underlay_ip: str, netns: str | None = None) -> list[int]:
 
 def _ns(netns: str | None) -> list[str]:
     return ["-n", netns] if netns else []
+
+
+def _nsenter(netns: str | None) -> list[str]:
+    return ["nsenter", f"--net=/run/netns/{netns}"] if netns else []

@@ -13,7 +13,7 @@ import pytest
 
 from sflib.cluster.testbed import Testbed
 from sflib.net import fabric
-from sflib.net.identity import identity
+from sflib.net.identity import identity, mac
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def guest(bed: Testbed, host: int, family: int, clone_id: int, net: fabric.Famil
     me = identity(family, clone_id)
     ip("netns", "add", ns)
     bed.namespaces.append(ns)  # removed with the test bed
-    tap = f"t{family}-{clone_id}"
+    tap = fabric.tap_name(family, clone_id)
     ip("-n", h.netns, "link", "add", tap, "type", "veth", "peer", "name", "eth0", "netns", ns)
     net.attach(tap)
     ip("-n", ns, "link", "set", "eth0", "address", me.mac)
@@ -63,15 +63,24 @@ def test_a_family_spans_hosts_and_families_are_apart(bed: Testbed) -> None:
     parent7 = guest(bed, 0, 7, 0, nets[7, "h1"])
     clone7 = guest(bed, 1, 7, 1, nets[7, "h2"])
     clone8 = guest(bed, 1, 8, 1, nets[8, "h2"])
-    assert pings(clone7, identity(7, 0).ip.split("/")[0])  # across hosts, over VXLAN
+    parent_ip = identity(7, 0).ip.split("/")[0]
+    assert pings(clone7, parent_ip)  # across hosts, over VXLAN
     assert pings(parent7, identity(7, 1).ip.split("/")[0])
-    assert not pings(clone8, identity(7, 0).ip.split("/")[0])  # another family: no way
+    assert not pings(clone8, parent_ip)  # another family: no way
+    # A member that takes a MAC outside its family's range is cut off on its own host.
+    before = nets[7, "h2"].dropped()  # (the host bridge's own IPv6 chatter, kept in)
+    ip("-n", clone7, "link", "set", "eth0", "address", mac(8, 5))
+    ip("-n", clone7, "neigh", "flush", "all")
+    assert not pings(clone7, parent_ip)
+    assert nets[7, "h2"].dropped() > before
+    ip("-n", clone7, "link", "set", "eth0", "address", mac(7, 1))  # itself again
+    assert pings(clone7, parent_ip)
     assert fabric.leftovers(h1.netns) == [7, 8]
     assert fabric.remove_leftovers(h1.address, h1.netns) == [7, 8]
     for net in nets.values():
         net.destroy()
     for host in (h1, h2):
         assert fabric.leftovers(host.netns) == []
-    out = subprocess.run(["ip", "-n", h1.netns, "-j", "link", "show", "t7-0"],
+    out = subprocess.run(["ip", "-n", h1.netns, "-j", "link", "show", fabric.tap_name(7, 0)],
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert '"master"' not in out.stdout  # a VM's tap stays its own, off any bridge

@@ -52,3 +52,16 @@ def test_out_of_range_is_refused() -> None:
             identity.identity(family, k)
     assert identity.vni(1) != identity.vni(2)
     assert len(bridge_name(4095)) <= 15 and len(vxlan_name(4095)) <= 15  # IFNAMSIZ
+
+
+def test_isolation_rules_guard_every_port_both_ways() -> None:
+    from sflib.net.fabric import isolation_rules, table_name, tap_name
+
+    rules = isolation_rules(7)
+    assert f"table bridge {table_name(7)}" in rules
+    drops = [line.strip() for line in rules.splitlines() if line.strip().endswith("drop")]
+    prefix, mask = identity.mac_prefix(7)
+    assert sorted(d.split('"')[1] for d in drops) == ["sft7-*", "sft7-*", "sfx7", "sfx7"]
+    assert all(f"ether saddr & {mask} != {prefix}" in d for d in drops)
+    assert {d.split()[0] for d in drops} == {"iifname", "oifname"}
+    assert tap_name(7, 3).startswith("sft7-")  # what the wildcard catches
