@@ -13,7 +13,8 @@ VENV          ?= .venv
 PY            := $(VENV)/bin/python
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc binutils make pandoc bats shellcheck \
                    xenstore-utils valgrind qemu-system-x86 busybox-static zstd cpio \
-                   libfuse3-dev fuse3 pkg-config iproute2 procps iputils-ping nftables
+                   libfuse3-dev fuse3 pkg-config iproute2 procps iputils-ping nftables \
+                   dnsmasq-base
 MAN_SOURCES   := $(wildcard man/*.md)
 MAN_PAGES     := $(patsubst man/%.md,build/man/%,$(MAN_SOURCES))
 EXECUTABLES   := $(notdir $(wildcard bin/*))

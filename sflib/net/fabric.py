@@ -3,10 +3,12 @@ the family's other hosts by a VXLAN device with the family's VNI over the hosts'
 underlay. Without multicast on the underlay, each peer host is an all-zeros entry in
 the VXLAN forwarding table (head-end replication); the bridge learns the rest.
 
-Layer-2 isolation: an nftables table of the bridge family drops every frame whose
-source MAC lies outside the family's range (sflib.net.identity) as it enters from a
-member's tap or from another host, and as it leaves towards either. A member cannot
-speak as anyone else, and nothing from outside reaches a member.
+The bridge is the family's gateway on this host: the gateway MAC and the subnet's
+.1 (the same on every host). Layer-2 isolation: an nftables table of the bridge
+family drops every frame whose source MAC lies outside the family's range
+(sflib.net.identity) as it enters from a member's tap or from another host, and as
+it leaves towards either; and the gateway's frames never cross to another host. A
+member cannot speak as anyone else, and nothing from outside reaches a member.
 
 Names carry the family number so that a restarted sfld can find and remove what a
 dead one left: sfb<F> (bridge), sfx<F> (VXLAN), sft<F>-<ID> (members' taps), table
@@ -55,6 +57,11 @@ def isolation_rules(family: int) -> str:
     ports = (vxlan_name(family), f"sft{family}-*")
     rules = "".join(f"        {way} \"{port}\" {foreign}\n"
                     for way in ("iifname", "oifname") for port in ports)  # fmt: skip
+    # Every host is its members' gateway, with the same MAC and address: its frames
+    # stay on the host, so each host answers its own members only.
+    gateway = f"ether saddr {identity.gateway_mac(family)} counter drop"
+    rules += "".join(f"        {way} \"{vxlan_name(family)}\" {gateway}\n"
+                     for way in ("iifname", "oifname"))  # fmt: skip
     return (f"table bridge {table_name(family)} {{\n"
             "    chain forward {\n"
             "        type filter hook forward priority 0; policy accept;\n"
@@ -81,12 +88,15 @@ class FamilyFabric:
     def create(self) -> None:
         """The bridge and the VXLAN device, up. Raises CommandFailed (nothing left)."""
         try:
-            self._ip("link", "add", self.bridge, "type", "bridge")
+            self._ip("link", "add", self.bridge, "address", identity.gateway_mac(self.family),
+                     "type", "bridge")  # fmt: skip
             self._ip("link", "add", self.vxlan, "type", "vxlan", "id",
                      str(identity.vni(self.family)), "local", self.underlay_ip,
                      "dstport", str(VXLAN_PORT), "nolearning")  # fmt: skip
             self._ip("link", "set", self.vxlan, "master", self.bridge, "up")
             self._ip("link", "set", self.bridge, "up")
+            gateway = f"{identity.subnet(self.family).network_address + 1}/{identity.PREFIX}"
+            self._ip("addr", "add", gateway, "dev", self.bridge)
             self._nft("-f", "-", input=isolation_rules(self.family))
         except CommandFailed:
             self.destroy()

@@ -3,9 +3,9 @@
 A family is a number f (1..4095) the cluster gives a parent and its clones. Its
 members' MACs are 02:53:46 (locally administered, "SF") followed by 12 bits of f
 and 12 bits of the clone ID (0 is the parent), so the family's range is one prefix
-and any frame from outside it is recognisable. Its subnet is the f-th /20 of
-10.0.0.0/8: .1 is the family's router, the parent .2, clone k .2+k. Its VXLAN
-network identifier is VNI_BASE + f.
+and any frame from outside it is recognisable; the range's last MAC is the family's
+gateway on each host. Its subnet is the f-th /20 of 10.0.0.0/8: .1 is the gateway,
+the parent .2, clone k .2+k. Its VXLAN network identifier is VNI_BASE + f.
 """
 
 from __future__ import annotations
@@ -50,8 +50,14 @@ def subnet(family: int) -> ipaddress.IPv4Network:
 def mac(family: int, clone_id: int) -> str:
     check_family(family)
     _check_id(clone_id)
-    tail = (family << 12) | clone_id
-    return ":".join(f"{b:02x}" for b in (*OUI, tail >> 16, (tail >> 8) & 0xFF, tail & 0xFF))
+    return _mac((family << 12) | clone_id)
+
+
+def gateway_mac(family: int) -> str:
+    """The family's gateway on each host (the host's bridge): the range's last MAC,
+    which no member has (MAX_ID is lower)."""
+    check_family(family)
+    return _mac((family << 12) | 0xFFF)
 
 
 def mac_prefix(family: int) -> tuple[str, str]:
@@ -70,6 +76,10 @@ def identity(family: int, clone_id: int) -> Identity:
 
 def vni(family: int) -> int:
     return VNI_BASE + check_family(family)
+
+
+def _mac(tail: int) -> str:
+    return ":".join(f"{b:02x}" for b in (*OUI, tail >> 16, (tail >> 8) & 0xFF, tail & 0xFF))
 
 
 def _check_id(clone_id: int) -> None:

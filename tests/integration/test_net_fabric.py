@@ -4,15 +4,17 @@ on veths attached to the bridges, addressed as sflib.net.identity says."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sflib.cluster.testbed import Testbed
-from sflib.net import fabric
+from sflib.net import dhcp, fabric
 from sflib.net.identity import identity, mac
 
 pytestmark = pytest.mark.slow
@@ -30,8 +32,10 @@ def bed() -> Iterator[Testbed]:
     subprocess.run(["rm", "-rf", str(work)], check=True)
 
 
-def guest(bed: Testbed, host: int, family: int, clone_id: int, net: fabric.FamilyFabric) -> str:
-    """A namespace standing in for a VM on host: a veth on the family's bridge."""
+def guest(bed: Testbed, host: int, family: int, clone_id: int, net: fabric.FamilyFabric,
+          address: bool = True) -> str:  # fmt: skip
+    """A namespace standing in for a VM on host: a veth on the family's bridge, with
+    the member's MAC and (unless it is to ask DHCP) its address."""
     ns, h = f"{bed.tag}-g{host}f{family}i{clone_id}", bed.hosts[host]
     me = identity(family, clone_id)
     ip("netns", "add", ns)
@@ -40,7 +44,8 @@ def guest(bed: Testbed, host: int, family: int, clone_id: int, net: fabric.Famil
     ip("-n", h.netns, "link", "add", tap, "type", "veth", "peer", "name", "eth0", "netns", ns)
     net.attach(tap)
     ip("-n", ns, "link", "set", "eth0", "address", me.mac)
-    ip("-n", ns, "addr", "add", me.ip, "dev", "eth0")
+    if address:
+        ip("-n", ns, "addr", "add", me.ip, "dev", "eth0")
     ip("-n", ns, "link", "set", "eth0", "up")
     return ns
 
@@ -84,3 +89,46 @@ def test_a_family_spans_hosts_and_families_are_apart(bed: Testbed) -> None:
     out = subprocess.run(["ip", "-n", h1.netns, "-j", "link", "show", fabric.tap_name(7, 0)],
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert '"master"' not in out.stdout  # a VM's tap stays its own, off any bridge
+
+
+def dhcp_lease(ns: str) -> str | None:
+    """The address busybox's DHCP client is offered and acknowledged on eth0."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "busybox", "udhcpc", "-i", "eth0", "-n",
+                          "-q", "-f", "-t", "4", "-T", "1", "-s", "/bin/true"],
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    match = re.search(r"lease of ([\d.]+) obtained", out.stdout + out.stderr)
+    return match.group(1) if match else None
+
+
+def test_each_host_leases_its_own_members_their_ids_address(bed: Testbed) -> None:
+    work = Path(tempfile.mkdtemp(prefix="sfd-", dir="/tmp"))
+    servers = []
+    try:
+        members = {0: (0,), 1: (1, 2)}  # host index: the member IDs it runs
+        for i, host in enumerate(bed.hosts):
+            net = fabric.FamilyFabric(7, host.address, host.netns)
+            net.create()
+            net.join(bed.hosts[1 - i].address)
+            hosts = work / f"h{i}.hosts"
+            hosts.write_text(dhcp.hosts_file(7, list(members[i])))
+            argv = dhcp.dnsmasq_argv(7, hosts, work / f"h{i}.leases")
+            log = (work / f"h{i}.log").open("wb")
+            servers.append(subprocess.Popen(["nsenter", f"--net=/run/netns/{host.netns}", *argv],
+                                            stdout=log, stderr=log))  # fmt: skip
+            for k in members[i]:
+                guest(bed, i, 7, k, net, address=False)
+        time.sleep(1)  # dnsmasq binds its socket
+        clone = f"{bed.tag}-g1f7i2"
+        assert dhcp_lease(clone) == identity(7, 2).ip.split("/")[0]
+        assert dhcp_lease(clone) == identity(7, 2).ip.split("/")[0]  # a renewal: the same
+        assert dhcp_lease(f"{bed.tag}-g0f7i0") == identity(7, 0).ip.split("/")[0]
+        clone_mac = identity(7, 2).mac
+        assert clone_mac in (work / "h1.log").read_text()  # its own host answered...
+        assert "DHCPACK" not in "".join(
+            line for line in (work / "h0.log").read_text().splitlines() if clone_mac in line
+        )  # ...only it
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=10)
+        subprocess.run(["rm", "-rf", str(work)], check=True)

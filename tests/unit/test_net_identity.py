@@ -61,7 +61,10 @@ def test_isolation_rules_guard_every_port_both_ways() -> None:
     assert f"table bridge {table_name(7)}" in rules
     drops = [line.strip() for line in rules.splitlines() if line.strip().endswith("drop")]
     prefix, mask = identity.mac_prefix(7)
-    assert sorted(d.split('"')[1] for d in drops) == ["sft7-*", "sft7-*", "sfx7", "sfx7"]
-    assert all(f"ether saddr & {mask} != {prefix}" in d for d in drops)
-    assert {d.split()[0] for d in drops} == {"iifname", "oifname"}
+    foreign = [d for d in drops if f"ether saddr & {mask} != {prefix}" in d]
+    assert sorted(d.split('"')[1] for d in foreign) == ["sft7-*", "sft7-*", "sfx7", "sfx7"]
+    assert {d.split()[0] for d in foreign} == {"iifname", "oifname"}
+    gateway = [d for d in drops if d not in foreign]  # the hosts' gateways stay home
+    assert sorted(d.split()[0] for d in gateway) == ["iifname", "oifname"]
+    assert all(f'"sfx7" ether saddr {identity.gateway_mac(7)}' in d for d in gateway)
     assert tap_name(7, 3).startswith("sft7-")  # what the wildcard catches
