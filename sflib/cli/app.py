@@ -64,6 +64,15 @@ def make_app(help_text: str) -> typer.Typer:
     )
 
 
+def print_result(result: Any, as_json: bool, text: str | None = None) -> None:
+    """A command's result on stdout: JSON with --json, else text, or by default one
+    "key: value" line per item of a mapping."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(text if text is not None else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
 def setup_logging(program: str, debug: bool, quiet: bool) -> None:
     _Settings.debug = debug
     sflog.setup(program, debug=debug, quiet=quiet)

@@ -16,6 +16,7 @@ from sflib.cli.app import (
     SocketOption,
     main,
     make_app,
+    print_result,
     setup_logging,
 )
 from sflib.paths import Paths
@@ -52,11 +53,7 @@ def _table(columns: list[str], rows: list[list[str]]) -> None:
 @app.command()
 def status(as_json: JsonOption = False) -> None:
     """This host's name, its address for other sflds, the master, dead hosts."""
-    info = _Context.client.call("cluster.status")
-    if as_json:
-        print(json.dumps(info, indent=2))
-        return
-    print("\n".join(f"{k}: {v}" for k, v in info.items()))
+    print_result(_Context.client.call("cluster.status"), as_json)
 
 
 @app.command()
@@ -90,11 +87,7 @@ def tickets(as_json: JsonOption = False) -> None:
 @app.command()
 def master(as_json: JsonOption = False) -> None:
     """The master's version, address, hosts alive and live tickets."""
-    info = _Context.client.call("cluster.master")
-    if as_json:
-        print(json.dumps(info, indent=2))
-        return
-    print("\n".join(f"{k}: {v}" for k, v in info.items()))
+    print_result(_Context.client.call("cluster.master"), as_json)
 
 
 if __name__ == "__main__":

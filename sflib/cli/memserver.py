@@ -13,10 +13,11 @@ from typing import Annotated
 
 import typer
 
+from sflib.address import split_address
 from sflib.cli.app import DebugOption, QuietOption, main, make_app, setup_logging
 from sflib.errors import SystemFailure, UsageError
 from sflib.memory.client import MemoryClient
-from sflib.memory.server import MEMSERVER, ServerSpec, memserver_argv, split_address
+from sflib.memory.server import MEMSERVER, ServerSpec, memserver_argv
 
 PROGRAM = "sf-memserver"
 app = make_app("Serve frozen memory images to memtaps, and read a server's counters.")

@@ -16,7 +16,15 @@ from rich.console import Console
 from rich.table import Table
 
 from sflib import run
-from sflib.cli.app import DebugOption, JsonOption, QuietOption, main, make_app, setup_logging
+from sflib.cli.app import (
+    DebugOption,
+    JsonOption,
+    QuietOption,
+    main,
+    make_app,
+    print_result,
+    setup_logging,
+)
 from sflib.errors import NotFoundError, SystemFailure
 from sflib.memory.tap import MEMTAP, TapSpec, memtap_argv, mounts, read_stats, unmount_argv
 
@@ -68,9 +76,7 @@ def mount(
 def stats(mountpoint: MountArg, as_json: JsonOption = False) -> None:
     """Print a mount's counters: pages cached and fetched, requests, errors."""
     _check_mount(mountpoint)
-    counters = read_stats(mountpoint)
-    print(json.dumps(counters, indent=2) if as_json else
-          "\n".join(f"{k}: {v}" for k, v in counters.items()))  # fmt: skip
+    print_result(read_stats(mountpoint), as_json)
 
 
 @app.command("ls")

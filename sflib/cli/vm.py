@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,6 +19,7 @@ from sflib.cli.app import (
     SocketOption,
     main,
     make_app,
+    print_result,
     setup_logging,
 )
 from sflib.errors import NotFoundError
@@ -43,10 +44,6 @@ def options(
     """Start, list, watch and stop the VMs of the local sfld."""
     setup_logging(PROGRAM, debug, quiet)
     _Context.client = ControlClient(socket or Paths.from_env().control_socket)
-
-
-def _print(result: Any, as_json: bool, text: str) -> None:
-    print(json.dumps(result, indent=2) if as_json else text)
 
 
 @app.command()
@@ -80,7 +77,7 @@ def run(
     info = client.call("vm.run", **args)
     if wait_ready:
         info = client.call("vm.wait_ready", name=info["name"], timeout=timeout)
-    _print(info, as_json, info["name"])
+    print_result(info, as_json, info["name"])
 
 
 @app.command("ls")
@@ -136,7 +133,7 @@ def stop(
 ) -> None:
     """Stop VMs and remove their files."""
     stopped = [_Context.client.call("vm.stop", name=name) for name in names]
-    _print(stopped, as_json, "\n".join(vm["name"] for vm in stopped))
+    print_result(stopped, as_json, "\n".join(vm["name"] for vm in stopped))
 
 
 @app.command()
@@ -144,7 +141,7 @@ def checkpoints(as_json: JsonOption = False) -> None:
     """List the checkpoints VMs made with sf-checkpoint."""
     found = _Context.client.call("checkpoint.list")
     text = "\n".join(f"{c['checkpoint']} {c['owner']} {c['pause_ms']} ms" for c in found)
-    _print(found, as_json, text)
+    print_result(found, as_json, text)
 
 
 @app.command()
@@ -161,7 +158,7 @@ def tickets(as_json: JsonOption = False) -> None:
     found = _Context.client.call("ticket.list")
     lines = [f"{t['ticket']} {t['owner']} {t['state']} {t['granted']}/{t['requested']} "
              f"pause={t['pause_ms']}ms" for t in found]  # fmt: skip
-    _print(found, as_json, "\n".join(lines))
+    print_result(found, as_json, "\n".join(lines))
 
 
 @app.command()
@@ -172,14 +169,14 @@ def memory(as_json: JsonOption = False) -> None:
     lines += [f"tap {t['image']} from {t['server']}: {t.get('pages_cached', '?')}/"
               f"{t.get('pages', '?')} pages cached, {t.get('pages_fetched', '?')} fetched, "
               f"users {' '.join(t['users'])}" for t in info["taps"]]  # fmt: skip
-    _print(info, as_json, "\n".join(lines))
+    print_result(info, as_json, "\n".join(lines))
 
 
 @app.command()
 def status(as_json: JsonOption = False) -> None:
     """Show sfld's version, accelerator and VM count."""
     info = _Context.client.call("status")
-    _print(info, as_json, "\n".join(f"{k}: {v}" for k, v in info.items()))
+    print_result(info, as_json)
 
 
 if __name__ == "__main__":

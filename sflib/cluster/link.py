@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sflib.address import split_address
 from sflib.cluster import wire
 from sflib.errors import NotFoundError, SnowFlockError
 from sflib.sfld.control import Dispatch
@@ -28,7 +29,7 @@ class ClusterLink:
     def __init__(self, host: str, master: str, listen: str, secret: bytes, slots: int) -> None:
         self.host = host
         self.master = wire.PeerClient(master, secret, timeout=10.0)
-        self.listen = listen
+        self.listen = split_address(listen)
         self.secret = secret
         self.slots = slots
         self.address = ""
@@ -41,8 +42,8 @@ class ClusterLink:
 
     async def start(self, dispatch: Dispatch) -> None:
         """Listen for other sflds, then register and heartbeat in the background."""
-        host, _, port = self.listen.rpartition(":")
-        self._server = await wire.serve(host, int(port), self.secret, dispatch)
+        host, port = self.listen
+        self._server = await wire.serve(host, port, self.secret, dispatch)
         self.address = f"{host}:{self._server.sockets[0].getsockname()[1]}"
         log.info("cluster: host %s, peers reach it at %s, master %s", self.host,
                  self.address, self.master.address)  # fmt: skip

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sflib import __version__
+from sflib.address import split_address
 from sflib.cluster import allocator, wire
 from sflib.cluster.registry import Registry, TicketRecord
 from sflib.errors import NotFoundError, UsageError
@@ -41,8 +42,8 @@ class Master:
 
     async def run(self, listen: str, secret: bytes, stopping: asyncio.Event,
                   on_ready: Any = None) -> None:  # fmt: skip
-        host, _, port = listen.rpartition(":")
-        server = await wire.serve(host, int(port), secret, self.dispatch)
+        host, port = split_address(listen)
+        server = await wire.serve(host, port, secret, self.dispatch)
         self.address = f"{host}:{server.sockets[0].getsockname()[1]}"
         self._grace()
         log.info("ready: listening on %s", self.address)

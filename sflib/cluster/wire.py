@@ -21,6 +21,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from sflib.address import split_address
 from sflib.errors import AuthError, OperationTimeout, UnreachableError, UsageError
 from sflib.sfld import control
 
@@ -110,8 +111,8 @@ class PeerClient:
     """Calls a daemon at host:port, one authenticated connection per call."""
 
     def __init__(self, address: str, secret: bytes, timeout: float = 30.0) -> None:
-        host, _, port = address.rpartition(":")
-        self.address, self.host, self.port = address, host, int(port)
+        self.address = address
+        self.host, self.port = split_address(address)
         self.secret = secret
         self.timeout = timeout
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sflib import run
-from sflib.errors import SystemFailure, UsageError
+from sflib.address import split_address
+from sflib.errors import SystemFailure
 from sflib.paths import BUILD_DIR
 
 log = logging.getLogger(__name__)
@@ -23,14 +24,6 @@ class ServerSpec:
     images: Path  # the folder of frozen images
     listen: str  # ADDR:PORT; port 0 picks a free one
     secret_file: Path | None = None
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """("host", port) from "host:port". Raises UsageError."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"invalid address {address!r}", hint="use HOST:PORT")
-    return host, int(port)
 
 
 def memserver_argv(spec: ServerSpec, ready_fd: int | None, program: Path = MEMSERVER) -> list[str]:

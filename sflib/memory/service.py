@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sflib.address import split_address
 from sflib.errors import SnowFlockError
-from sflib.memory.server import MemoryServer, ServerSpec, split_address
+from sflib.memory.server import MemoryServer, ServerSpec
 from sflib.memory.tap import MemTap, TapSpec, unmount_leftovers
 
 log = logging.getLogger(__name__)

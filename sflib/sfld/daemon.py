@@ -21,7 +21,6 @@ from sflib.cluster.wire import read_secret
 from sflib.errors import SystemFailure, UsageError, WrongStateError
 from sflib.fork.checkpoint import describe
 from sflib.fork.engine import ForkEngine
-from sflib.memory.server import split_address
 from sflib.memory.service import MemoryService, TapSettings
 from sflib.sfld import control
 from sflib.sfld.vms import VMRequest, VMTable
@@ -79,8 +78,6 @@ class Daemon:
         s = self.settings
         if not s["master"]:
             return None
-        split_address(s["master"])
-        split_address(s["peer_listen"])
         secret = read_secret(Path(s["secret_file"]))
         return ClusterLink(s["host_name"], s["master"], s["peer_listen"], secret, s["max_clones"])
 
