@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from sflib.address import split_address
 from sflib.cli.app import daemon_command, main, notify_ready
 from sflib.cluster.master import Master, open_registry
 from sflib.cluster.wire import read_secret
@@ -20,6 +21,7 @@ PROGRAM = "sfmasterd"
 
 
 def _run(settings: dict[str, Any], ready_fd: int | None) -> None:
+    split_address(settings["listen"])  # before anything is made on disk
     secret = read_secret(Path(settings["secret_file"]))
     master = Master(open_registry(Path(settings["state_dir"])), settings["heartbeat"],
                     settings["host_timeout"])  # fmt: skip

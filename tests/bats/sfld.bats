@@ -154,3 +154,11 @@ start_sfld() {
     wait "$pid"
     [ -f "$TMP/m/master.db" ]
 }
+
+@test "sfmasterd: a bad --listen is a usage error that leaves nothing on disk" {
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/secret"
+    run --separate-stderr sfmasterd --listen nonsense --secret-file "$TMP/secret"
+    [ "$status" -eq 2 ]
+    [[ "$stderr" == *"invalid address 'nonsense'"* ]]
+    [ ! -e "$TMP/var/lib/snowflock-master" ]
+}
