@@ -3,9 +3,11 @@
 A family is a number f (1..4095) the cluster gives a parent and its clones. Its
 members' MACs are 02:53:46 (locally administered, "SF") followed by 12 bits of f
 and 12 bits of the clone ID (0 is the parent), so the family's range is one prefix
-and any frame from outside it is recognisable; the range's last MAC is the family's
-gateway on each host. Its subnet is the f-th /20 of 10.0.0.0/8: .1 is the gateway,
-the parent .2, clone k .2+k. Its VXLAN network identifier is VNI_BASE + f.
+and any frame from outside it is recognisable. The range's last MAC is each host's
+bridge (its members' DHCP server, and their gateway in the distributed mode); the
+one before is the family's central router. Its subnet is the f-th /20 of
+10.0.0.0/8: .1 is each host's bridge, the parent .2, clone k .2+k, and the last
+usable address the central router. Its VXLAN network identifier is VNI_BASE + f.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from sflib.errors import UsageError
 
 OUI = (0x02, 0x53, 0x46)
 MAX_FAMILY = 0xFFF
-MAX_ID = 0xFFF - 3  # .0 the network, .1 the router, .2 the parent, the last the broadcast
+# .0 the network, .1 the hosts' bridges, .2 the parent, then the clones, the central
+# router, the broadcast.
+MAX_ID = 0xFFF - 4
+ROUTER_ID = 0xFFE  # its MAC's tail; its address is the one after the last clone's
 VNI_BASE = 0x530000
 BASE = ipaddress.IPv4Network("10.0.0.0/8")
 PREFIX = 20
@@ -60,18 +65,32 @@ def gateway_mac(family: int) -> str:
     return _mac((family << 12) | 0xFFF)
 
 
+def router_mac(family: int) -> str:
+    """The central router's MAC: inside the family's range (so it crosses between
+    hosts), and no member's."""
+    check_family(family)
+    return _mac((family << 12) | ROUTER_ID)
+
+
+def router_ip(family: int) -> str:
+    """The central router's address: the subnet's last usable one."""
+    return str(subnet(family).broadcast_address - 1)
+
+
 def mac_prefix(family: int) -> tuple[str, str]:
     """(address, mask) matching every MAC of the family, as filters want them."""
     check_family(family)
     return mac(family, 0), "ff:ff:ff:ff:f0:00"
 
 
-def identity(family: int, clone_id: int) -> Identity:
+def identity(family: int, clone_id: int, central: bool = False) -> Identity:
+    """Member clone_id's identity; its gateway is the central router if central,
+    else its host's bridge."""
     net = subnet(family)
     _check_id(clone_id)
     address = net.network_address + 2 + clone_id
-    return Identity(family, clone_id, mac(family, clone_id), f"{address}/{PREFIX}",
-                    str(net.network_address + 1))  # fmt: skip
+    gateway = router_ip(family) if central else str(net.network_address + 1)
+    return Identity(family, clone_id, mac(family, clone_id), f"{address}/{PREFIX}", gateway)
 
 
 def vni(family: int) -> int:

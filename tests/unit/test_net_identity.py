@@ -19,7 +19,7 @@ def test_identity_is_a_function_of_family_and_id() -> None:
 
 
 def test_no_two_members_of_any_families_share_a_mac_or_an_ip() -> None:
-    members = [(f, k) for f in (1, 2, 255, 4095) for k in (0, 1, 2, 4092)]
+    members = [(f, k) for f in (1, 2, 255, 4095) for k in (0, 1, 2, identity.MAX_ID)]
     macs = {identity.mac(f, k) for f, k in members}
     ips = {identity.identity(f, k).ip for f, k in members}
     assert len(macs) == len(ips) == len(members)
@@ -33,7 +33,7 @@ def test_a_familys_macs_share_its_prefix_and_no_one_elses() -> None:
             int(a, 16) & int(m, 16) for a, m in zip(mac.split(":"), mask.split(":"), strict=True)
         ]
 
-    assert all(masked(identity.mac(9, k)) == masked(address) for k in (0, 1, 4092))
+    assert all(masked(identity.mac(9, k)) == masked(address) for k in (0, 1, identity.MAX_ID))
     assert masked(identity.mac(10, 0)) != masked(address)
 
 
@@ -68,3 +68,16 @@ def test_isolation_rules_guard_every_port_both_ways() -> None:
     assert sorted(d.split()[0] for d in gateway) == ["iifname", "oifname"]
     assert all(f'"sfx7" ether saddr {identity.gateway_mac(7)}' in d for d in gateway)
     assert tap_name(7, 3).startswith("sft7-")  # what the wildcard catches
+
+
+def test_the_central_router_is_in_the_family_and_no_member() -> None:
+    net = identity.subnet(5)
+    members = {identity.identity(5, k).ip.split("/")[0] for k in (0, 1, identity.MAX_ID)}
+    macs = {identity.mac(5, k) for k in (0, 1, identity.MAX_ID)}
+    assert identity.router_ip(5) not in members | {str(net.network_address + 1)}
+    assert ipaddress.IPv4Address(identity.router_ip(5)) in net
+    assert identity.router_mac(5) not in macs | {identity.gateway_mac(5)}
+    prefix, _ = identity.mac_prefix(5)
+    assert identity.router_mac(5)[:13] == prefix[:13]  # inside the family's range
+    assert identity.identity(5, 3, central=True).gateway == identity.router_ip(5)
+    assert identity.identity(5, 3).gateway == str(net.network_address + 1)
