@@ -14,7 +14,7 @@ PY            := $(VENV)/bin/python
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc binutils make pandoc bats shellcheck \
                    xenstore-utils valgrind qemu-system-x86 busybox-static zstd cpio \
                    libfuse3-dev fuse3 pkg-config iproute2 procps iputils-ping nftables \
-                   dnsmasq-base
+                   dnsmasq-base iperf3
 MAN_SOURCES   := $(wildcard man/*.md)
 MAN_PAGES     := $(patsubst man/%.md,build/man/%,$(MAN_SOURCES))
 EXECUTABLES   := $(notdir $(wildcard bin/*))
@@ -138,6 +138,7 @@ bench: deps c
 	$(PY) bench/vm_bench.py
 	$(PY) bench/fork_bench.py
 	$(PY) bench/remote_bench.py
+	$(PY) bench/net_bench.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -19,6 +19,25 @@ from sflib.errors import UsageError
 from sflib.paths import BUILD_DIR, Paths
 
 
+class PortList(tuple[int, ...]):
+    """TCP ports, from "22,80" or a TOML list. Raises ValueError."""
+
+    def __new__(cls, value: object = ()) -> PortList:
+        if isinstance(value, str):
+            items: list[object] = [v for v in value.replace(" ", "").split(",") if v]
+        elif isinstance(value, list | tuple):
+            items = list(value)
+        else:
+            raise TypeError(value)
+        ports = tuple(int(str(v)) for v in items)
+        if any(not 0 < p < 65536 for p in ports):
+            raise ValueError(value)
+        return super().__new__(cls, sorted(set(ports)))
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self))
+
+
 @dataclass(frozen=True)
 class Setting:
     key: str  # TOML key under [sfld]; option --key-with-dashes; variable SF_KEY
@@ -58,7 +77,7 @@ class Setting:
 
 # fmt: off
 _KINDS = {int: "an integer", float: "a number", str: "a string", Path: "a path",
-          bool: "true or false"}  # fmt: skip
+          bool: "true or false", PortList: "a list of ports from 1 to 65535"}  # fmt: skip
 
 
 def _parse_bool(text: str) -> bool:
@@ -149,6 +168,35 @@ SFLD_SETTINGS: tuple[Setting, ...] = (
         lambda p: 300.0,
         "Seconds a VM may take from start to ready before it is stopped.",
     ),
+    Setting(
+        "network",
+        str,
+        lambda p: "family",
+        "family: every VM gets a card on its family's private network; none: no card.",
+        ("family", "none"),
+    ),
+    Setting(
+        "router",
+        str,
+        lambda p: "distributed",
+        "Where a family's NAT, firewall and bandwidth limit run: on every host with "
+        "members (distributed), or in one router namespace on the parent's host (central).",
+        ("distributed", "central"),
+    ),
+    Setting(
+        "inbound_ports",
+        PortList,
+        lambda p: PortList(""),
+        "TCP ports of every family member open to inbound connections (comma-separated); "
+        "the parent accepts any.",
+    ),
+    Setting(
+        "bandwidth",
+        int,
+        lambda p: 0,
+        "Mbit/s each way between a family and the outside (0: no limit).",
+        positive=False,
+    ),
 )
 # fmt: on
 
@@ -204,6 +252,8 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return str(value)
+    if isinstance(value, PortList):
+        return f"[{', '.join(map(str, value))}]"
     return json.dumps(str(value))  # a TOML basic string is a JSON string
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from sflib.address import split_address
 from sflib.cluster import wire
-from sflib.errors import NotFoundError, SnowFlockError
+from sflib.errors import NotFoundError, OperationTimeout, SnowFlockError
 from sflib.sfld.control import Dispatch
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ class ClusterLink:
         self._server: asyncio.Server | None = None
         self._beating: asyncio.Task[None] | None = None
         self.registered = False
+        self.is_registered = asyncio.Event()
+        self.families: dict[int, str] = {}  # family networks of this host's VMs
 
     async def start(self, dispatch: Dispatch) -> None:
         """Listen for other sflds, then register and heartbeat in the background."""
@@ -72,6 +74,7 @@ class ClusterLink:
             except NotFoundError:
                 log.warning("cluster: the master forgot this host; registering again")
                 self.registered = False
+                self.is_registered.clear()
                 continue
             except SnowFlockError as e:
                 if not failing:
@@ -81,9 +84,10 @@ class ClusterLink:
 
     async def _register(self) -> None:
         reply = await self.master.call("register", host=self.host, address=self.address,
-                                       slots=self.slots)  # fmt: skip
+                                       slots=self.slots, families=self.families)  # fmt: skip
         self.heartbeat = float(reply.get("heartbeat", RETRY))
         self.registered = True
+        self.is_registered.set()
         log.info("cluster: registered at the master %s", self.master.address)
 
     async def _note_dead(self, dead: set[str]) -> None:
@@ -106,6 +110,29 @@ class ClusterLink:
             await self.master.call("ticket.release", ticket=ticket)
         except SnowFlockError as e:
             log.warning("cluster: ticket %s not released at the master: %s", ticket, e)
+
+    # Family networks ----------------------------------------------------------------
+
+    async def allocate_family(self, vm: str, timeout: float = 10.0) -> int:
+        """A family number for vm's network, unique in the cluster. Raises what the
+        master raised, UnreachableError, or OperationTimeout (not registered)."""
+        try:
+            await asyncio.wait_for(self.is_registered.wait(), timeout)
+        except TimeoutError:
+            raise OperationTimeout(f"not registered at the master {self.master.address} "
+                                   f"within {timeout:g} s") from None  # fmt: skip
+        number = int((await self.master.call("family.allocate", host=self.host, vm=vm))["family"])
+        self.families[number] = vm
+        return number
+
+    async def release_family(self, number: int) -> None:
+        """Give a family number back; a master that cannot be reached learns it when
+        this host registers again, or never needs to (the number stays taken)."""
+        self.families.pop(number, None)
+        try:
+            await self.master.call("family.release", host=self.host, family=number)
+        except SnowFlockError as e:
+            log.warning("cluster: family %d not released at the master: %s", number, e)
 
     # Other sflds -------------------------------------------------------------------
 

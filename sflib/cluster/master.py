@@ -2,18 +2,24 @@
 granted across them by the embedded allocator (DESIGN §1, §5).
 
 Calls (over sflib.cluster.wire, from sflds):
-    register {host, address, slots}        -> {heartbeat, host_timeout}
+    register {host, address, slots, families: {number: vm}}
+                                           -> {heartbeat, host_timeout}
     heartbeat {host}                       -> {dead: [host, ...]}   (NotFoundError:
                                               register again)
     ticket.request {host, vm, n}           -> {ticket, requested, granted,
                                               placement: {host: n}, addresses: {host: addr}}
     ticket.release {ticket}                -> {ticket, released}
+    family.allocate {host, vm}             -> {family}  (a number for a parent's network,
+                                              unique in the cluster)
+    family.release {host, family}          -> {released}
     host.list, ticket.list, status
 
 A host silent for host_timeout seconds is declared dead: it grants no more slots,
 the tickets it owned end (their clones elsewhere are killed by their hosts, which
 learn of the death in their next heartbeat), and the owners of clones it ran report
-those clones crashed.
+those clones crashed; its family numbers are free again. When a host registers
+(again: a restarted sfld, or one declared dead too soon), the families it says it
+holds become the truth for it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from sflib.address import split_address
 from sflib.cluster import allocator, wire
 from sflib.cluster.registry import Registry, TicketRecord
 from sflib.errors import NotFoundError, UsageError
+from sflib.net import identity
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,7 @@ class Master:
             ended = [t.id for t in self.registry.tickets(live_only=True) if t.owner_host == name]
             for ticket_id in ended:
                 self.registry.end_ticket(ticket_id)
+            self.registry.drop_families(name)
             log.warning("host %s silent for %g s: dead; its tickets ended: %s", name,
                         self.host_timeout, ", ".join(ended) or "none")  # fmt: skip
         return dead
@@ -93,6 +101,10 @@ class Master:
         name, address = _str(args, "host"), _str(args, "address")
         slots = _int(args, "slots")
         self.registry.register(name, address, slots)
+        taken = self.registry.keep_families(name, _families(args))
+        if taken:
+            log.warning("host %s holds family networks given to another host meanwhile: %s",
+                        name, ", ".join(map(str, taken)))  # fmt: skip
         log.info("host %s registered: sfld at %s, %d clone slots", name, address, slots)
         return {"heartbeat": self.heartbeat, "host_timeout": self.host_timeout}
 
@@ -125,6 +137,20 @@ class Master:
             log.info("ticket %s released", ticket_id)
         return {"ticket": ticket_id, "released": released}
 
+    def allocate_family(self, args: dict[str, Any]) -> Any:
+        host, vm = _str(args, "host"), _str(args, "vm")
+        record = self.registry.host(host)
+        if record is None or not record.alive:
+            raise NotFoundError(f"host {host} is not registered (or was declared dead)")
+        number = identity.free_family(set(self.registry.families()))
+        self.registry.add_family(number, host, vm)
+        log.info("family network %d for %s on %s", number, vm, host)
+        return {"family": number}
+
+    def release_family(self, args: dict[str, Any]) -> Any:
+        host, number = _str(args, "host"), _int(args, "family")
+        return {"released": self.registry.drop_families(host, number) == 1}
+
     def list_hosts(self, _args: dict[str, Any]) -> Any:
         reserved = self.registry.reserved()
         return [{**h.to_json(), "reserved": reserved.get(h.name, 0)}
@@ -137,7 +163,8 @@ class Master:
         hosts = self.registry.hosts()
         return {"version": __version__, "address": self.address,
                 "hosts": len(hosts), "alive": sum(h.alive for h in hosts),
-                "live_tickets": len(self.registry.tickets(live_only=True))}  # fmt: skip
+                "live_tickets": len(self.registry.tickets(live_only=True)),
+                "families": len(self.registry.families())}  # fmt: skip
 
 
 _HANDLERS = {
@@ -145,6 +172,8 @@ _HANDLERS = {
     "heartbeat": Master.heartbeat_call,
     "ticket.request": Master.request_ticket,
     "ticket.release": Master.release_ticket,
+    "family.allocate": Master.allocate_family,
+    "family.release": Master.release_family,
     "host.list": Master.list_hosts,
     "ticket.list": Master.list_tickets,
     "status": Master.status,
@@ -156,6 +185,14 @@ def _str(args: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise UsageError(f"{key} is required")
     return value
+
+
+def _families(args: dict[str, Any]) -> dict[int, str]:
+    held = args.get("families", {})
+    try:
+        return {identity.check_family(int(n)): str(vm) for n, vm in dict(held).items()}
+    except (TypeError, ValueError):
+        raise UsageError("families must map family numbers to VM names") from None
 
 
 def _int(args: dict[str, Any], key: str, low: int = 0) -> int:

@@ -29,6 +29,11 @@ CREATE TABLE IF NOT EXISTS tickets (
     created REAL NOT NULL,
     ended REAL                  -- NULL while the ticket holds its slots
 );
+CREATE TABLE IF NOT EXISTS families (
+    number INTEGER PRIMARY KEY, -- the family network (sflib.net.identity)
+    host TEXT NOT NULL,         -- where its parent runs
+    vm TEXT NOT NULL
+);
 """
 
 
@@ -127,6 +132,40 @@ class Registry:
 
     def ticket(self, ticket_id: str) -> TicketRecord | None:
         return next((t for t in self.tickets() if t.id == ticket_id), None)
+
+    # Families ----------------------------------------------------------------------
+
+    def families(self, host: str | None = None) -> dict[int, tuple[str, str]]:
+        """{number: (host, vm)}, of one host or of all."""
+        rows = self.db.execute("SELECT number, host, vm FROM families").fetchall()
+        return {n: (h, v) for n, h, v in rows if host is None or h == host}
+
+    def add_family(self, number: int, host: str, vm: str) -> None:
+        self.db.execute("INSERT INTO families VALUES (?, ?, ?)", (number, host, vm))
+
+    def keep_families(self, host: str, held: dict[int, str]) -> list[int]:
+        """What a (re)registering host says it holds, {number: vm}, becomes the truth
+        for it; returns the numbers it holds that another host took meanwhile."""
+        known = self.families()
+        for number, (owner, _) in known.items():
+            if owner == host and number not in held:
+                self.drop_families(host, number)
+        taken = []
+        for number, vm in held.items():
+            if number not in known:
+                self.add_family(number, host, vm)
+            elif known[number][0] != host:
+                taken.append(number)
+        return taken
+
+    def drop_families(self, host: str, number: int | None = None) -> int:
+        """Forget a host's family number (or all of them); how many went."""
+        if number is None:
+            cur = self.db.execute("DELETE FROM families WHERE host = ?", (host,))
+        else:
+            cur = self.db.execute("DELETE FROM families WHERE host = ? AND number = ?",
+                                  (host, number))  # fmt: skip
+        return cur.rowcount
 
     def reserved(self) -> dict[str, int]:
         """Clone slots each host gives to live tickets."""

@@ -32,7 +32,7 @@ from typing import Any
 from sflib.errors import NotFoundError, SystemFailure
 from sflib.fork import freepages
 from sflib.vm.accel import Accel
-from sflib.vm.qemu import VMSpec
+from sflib.vm.qemu import Nic, VMSpec
 from sflib.xenstore.snapshot import DomainSnapshot
 
 log = logging.getLogger(__name__)
@@ -102,12 +102,21 @@ class Checkpoint:
     def devstate(self) -> Path:
         return self.dir / "devstate"
 
-    def spec_for(self, name: str, domid: int) -> VMSpec:
-        """A VM restored from this checkpoint: its RAM a private mapping of the image."""
+    @property
+    def has_nic(self) -> bool:
+        return bool(self.machine.get("nic"))
+
+    def spec_for(self, name: str, domid: int, nic: Nic | None = None) -> VMSpec:
+        """A VM restored from this checkpoint: its RAM a private mapping of the image;
+        nic, its own card, if the checkpointed VM had one (it must then)."""
         m = self.machine
+        if self.has_nic != (nic is not None):
+            raise SystemFailure(f"checkpoint {self.id}: the clone's network card does not "
+                                "match its parent's")  # fmt: skip
         return VMSpec(name=name, domid=domid, memory_mib=m["memory_mib"], vcpus=m["vcpus"],
                       accel=Accel(m["accel"]), kernel=Path(m["kernel"]), initrd=Path(m["initrd"]),
-                      append=m["append"], incoming="defer", share_memory=False)  # fmt: skip
+                      append=m["append"], incoming="defer", share_memory=False,
+                      nic=nic)  # fmt: skip
 
     def manifest(self) -> dict[str, Any]:
         state = self.devstate.read_bytes()
@@ -147,6 +156,7 @@ def machine_of(spec: VMSpec) -> dict[str, Any]:
         "kernel": str(spec.kernel),
         "initrd": str(spec.initrd),
         "append": spec.append,
+        "nic": spec.nic is not None,
     }
 
 

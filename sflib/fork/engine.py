@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from sflib.address import split_address
 from sflib.cluster.link import ClusterLink
 from sflib.errors import NotFoundError, SnowFlockError, SystemFailure, UsageError, WrongStateError
 from sflib.fork import freepages, layout, mechanics
@@ -24,7 +25,9 @@ from sflib.fork.remote import RemoteClones
 from sflib.fork.share import read_chunks
 from sflib.fork.tickets import Clone, CloneState, Ticket, TicketBook, TicketState
 from sflib.memory.service import MemoryService
+from sflib.net.identity import member_base
 from sflib.sfld.vms import VM, VMTable
+from sflib.vm.qemu import Nic
 from sflib.xenstore.wire import XenStoreError
 
 log = logging.getLogger(__name__)
@@ -239,11 +242,12 @@ class ForkEngine:
         ticket.state = TicketState.CLONING
         started = time.perf_counter()
         ids = ticket.ids_by_host(self.here)
+        network = self._family_network(parent, ticket, ids)
         remote = None
         if self.remote is not None and set(ids) - {self.here}:
             remote = asyncio.create_task(self.remote.spawn(
                 ticket, ckpt, parent.machine.spec.domid, parent.machine.spec.name, reply, ids,
-                started))  # fmt: skip
+                started, network))  # fmt: skip
         for k in ids.get(self.here, []):
             await self._spawn_here(parent, ckpt, ticket, k, reply)
             if ticket.clones[k].state == CloneState.RUNNING:
@@ -258,17 +262,27 @@ class ForkEngine:
                           reply: dict[str, Any]) -> None:  # fmt: skip
         name = f"{ticket.id}-{k}"
         try:
-            order = CloneOrder(name, k, parent.machine.spec.name, await self._tap(ckpt, name))
+            nic = self._open_nic(parent, name, ticket.net_base + k)
+            order = CloneOrder(name, k, parent.machine.spec.name, await self._tap(ckpt, name),
+                               nic)  # fmt: skip
             clone = await mechanics.restore_clone(self.vms, parent.machine.qemu, ckpt, order)
         except SnowFlockError as e:
             log.warning("clone %d of ticket %s did not start: %s", k, ticket.id, e)
             await self._untap(name)
+            await self._unplug(name)
             ticket.clones[k] = _crashed(k, name)
             return
         ticket.clones[k] = _running(k, name)
         self.vms.register(clone)
         if ticket.state == TicketState.ENDED:  # killed while we were cloning
             ticket.clones[k].state = CloneState.KILLED
+            self._stop_soon(name)
+            return
+        try:
+            await self._plug(name)
+        except SnowFlockError as e:
+            log.warning("clone %d of ticket %s has no network: %s", k, ticket.id, e)
+            ticket.clones[k].state = CloneState.CRASHED
             self._stop_soon(name)
             return
         self._introduce(parent, clone, ticket, k)
@@ -287,12 +301,59 @@ class ForkEngine:
         if self.memory is not None and name in self.tapped:
             await self.memory.detach(*self.tapped.pop(name), name)
 
+    # Family networks ------------------------------------------------------------
+
+    def _family_network(self, parent: VM, ticket: Ticket,
+                        ids: dict[str, list[int]]) -> dict[str, Any] | None:  # fmt: skip
+        """Where ticket's clones sit on the parent's family network (their member
+        numbers apart from the parent's other live tickets'), which hosts it spans
+        from now on; None if the parent has no card."""
+        net = self.vms.network
+        member = net.members.get(parent.machine.spec.name) if net else None
+        if net is None or member is None:
+            return None
+        taken = [range(t.net_base + 1, t.net_base + t.granted + 1)
+                 for t in self.book.of_owner(parent.machine.spec.name)
+                 if t is not ticket and t.state != TicketState.ENDED]  # fmt: skip
+        ticket.net_base = member_base(taken, ticket.granted)
+        peers = [split_address(ticket.addresses[h])[0] for h in ids if h in ticket.addresses]
+        net.connect(member.me.family, peers)
+        own = [net.underlay] if net.underlay else []
+        return {"family": member.me.family, "base": ticket.net_base, "peers": peers + own}
+
+    def _open_nic(self, parent: VM, name: str, member: int) -> Nic | None:
+        net = self.vms.network
+        mine = net.members.get(parent.machine.spec.name) if net else None
+        if net is None or mine is None:
+            return None
+        return net.open(name, mine.me.family, member).nic
+
+    async def _plug(self, name: str) -> None:
+        if self.vms.network is not None and name in self.vms.network.members:
+            await self.vms.network.join(name, parent_here=True)
+
+    async def _unplug(self, name: str) -> None:
+        if self.vms.network is not None:
+            await self.vms.network.leave(name)
+
+    async def _op_link(self, vm: VM, request: layout.Request) -> Any:
+        """A clone's hook took its identity: its card may talk now."""
+        if vm.machine.spec.nic is None:
+            raise WrongStateError(f"{vm.machine.spec.name} has no network card")
+        up = request.args.get("up", True)
+        if not isinstance(up, bool):
+            raise UsageError("up must be true or false")
+        await vm.machine.set_link(up)
+        return {"link": "up" if up else "down"}
+
     def _introduce(self, parent: VM, clone: VM, ticket: Ticket, k: int) -> None:
         """Tell a clone who it is, and give it its corner of the family's share."""
         parent_domid, domid = parent.machine.spec.domid, clone.machine.spec.domid
         identity = {"id": k, "family": parent.machine.spec.name, "ticket": ticket.id,
                     "parent_domid": parent_domid, "domid": domid}  # fmt: skip
         local = self.bus.local
+        network = self.vms.published_network(clone)
+        identity.update(network or {})
         local.write(f"/local/domain/{domid}/{layout.IDENTITY}", json.dumps(identity).encode())
         corner = f"/local/domain/{parent_domid}/{layout.share_dir(ticket.id, k)}"
         local.mkdir(corner)

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from sflib.cluster.link import ClusterLink
-from sflib.errors import SnowFlockError, UsageError
+from sflib.errors import SnowFlockError, SystemFailure, UsageError
 from sflib.fork import layout, mechanics
 from sflib.fork.checkpoint import Checkpoint, MemoryImage
 from sflib.fork.mechanics import CloneOrder
 from sflib.fork.share import read_chunks
 from sflib.memory.service import MemoryService
 from sflib.sfld.vms import VM, VMTable
+from sflib.vm.qemu import Nic
 from sflib.xenstore.snapshot import DomainSnapshot
 from sflib.xenstore.wire import XenStoreError
 
@@ -77,7 +78,8 @@ class HostedClones:
             hosted = HostedClone(args["ticket"], k, args["owner_host"], args["owner_address"],
                                  ckpt.id, args["memserver"], args["image"])  # fmt: skip
             try:
-                vm = await self._start_one(ckpt, hosted, name, args["family"])
+                vm = await self._start_one(ckpt, hosted, name, args["family"],
+                                           args.get("network"))  # fmt: skip
             except SnowFlockError as e:
                 log.warning("clone %d of ticket %s did not start: %s", k, args["ticket"], e)
                 started[str(k)] = None
@@ -106,27 +108,48 @@ class HostedClones:
         return ckpt
 
     async def _start_one(self, ckpt: Checkpoint, hosted: HostedClone, name: str,
-                         family: str) -> VM:  # fmt: skip
+                         family: str, network: dict[str, Any] | None) -> VM:  # fmt: skip
         memory = await self.memory.attach(hosted.server, hosted.image, name)
         self.clones[name] = hosted
         try:
+            nic = self._open_nic(name, hosted.clone_id, network)
             clone = await mechanics.restore_clone(
-                self.vms, self.qemu, ckpt, CloneOrder(name, hosted.clone_id, family, memory)
+                self.vms, self.qemu, ckpt, CloneOrder(name, hosted.clone_id, family, memory, nic)
             )
         except BaseException:
             self.clones.pop(name, None)
             await self.memory.detach(hosted.server, hosted.image, name)
+            if self.vms.network is not None:
+                await self.vms.network.leave(name)
             raise
-        self.vms.register(clone)
+        self.vms.register(clone)  # from here on, its end undoes everything
+        if nic is not None and self.vms.network is not None and network is not None:
+            try:
+                await self.vms.network.join(
+                    name, parent_here=False, peers=[str(p) for p in network.get("peers", [])]
+                )
+            except SnowFlockError:
+                await self._stop_vm(name)
+                raise
         self._introduce(clone, hosted, family)
         await clone.machine.resume()
         return clone
+
+    def _open_nic(self, name: str, k: int, network: dict[str, Any] | None) -> Nic | None:
+        """The clone's card on its family's network, if its parent has one."""
+        if network is None:
+            return None
+        if self.vms.network is None:
+            raise SystemFailure("the parent's VMs have network cards; this host gives none "
+                                "(network = none)")  # fmt: skip
+        return self.vms.network.open(name, int(network["family"]), int(network["base"]) + k).nic
 
     def _introduce(self, clone: VM, hosted: HostedClone, family: str) -> None:
         domid = clone.machine.spec.domid
         identity = {"id": hosted.clone_id, "family": family, "ticket": hosted.ticket,
                     "parent_domid": domid, "domid": domid, "host": self.link.host,
                     "parent_host": hosted.owner_host}  # fmt: skip
+        identity.update(self.vms.published_network(clone) or {})
         local = self.vms.bus.local
         local.write(f"/local/domain/{domid}/{layout.IDENTITY}", json.dumps(identity).encode())
         local.mkdir(f"/local/domain/{domid}/{layout.share_dir(hosted.ticket, hosted.clone_id)}")

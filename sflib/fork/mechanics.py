@@ -21,6 +21,7 @@ from sflib.fork.checkpoint import Checkpoint, MemoryImage, machine_of, materiali
 from sflib.memory import tap
 from sflib.sfld.vms import VM, VMState, VMTable
 from sflib.vm.machine import Machine
+from sflib.vm.qemu import Nic
 from sflib.xenstore import snapshot
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ async def continue_from(vms: VMTable, vm: VM, ckpt: Checkpoint) -> float:
     generation = vm.generation + 1
     files = dataclasses.replace(vms.files(name, generation), memory=ckpt.image.path,
                                 owns_memory=False)  # fmt: skip
-    new = Machine(old.qemu, ckpt.spec_for(name, old.spec.domid), files, vms.bus, old.qemu_log)
+    spec = ckpt.spec_for(name, old.spec.domid, old.spec.nic)  # the same tap goes on
+    new = Machine(old.qemu, spec, files, vms.bus, old.qemu_log)
     new.channel = old.channel
     try:
         await new.start()
@@ -108,17 +110,21 @@ async def _undo_freeze(old: Machine, ckpt: Checkpoint) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class CloneOrder:
-    """What a clone is: its VM name, its ID, its family (the parent VM's name) and,
-    for a clone through memtap, the file it maps instead of the checkpoint's image."""
+    """What a clone is: its VM name, its ID, its family (the parent VM's name), for
+    a clone through memtap the file it maps instead of the checkpoint's image, and
+    its network card if its parent has one."""
 
     name: str
     clone_id: int
     family: str
     memory: Path | None = None
+    nic: Nic | None = None
 
 
 async def restore_clone(vms: VMTable, qemu: str, ckpt: Checkpoint, order: CloneOrder) -> VM:
-    """A new VM from ckpt, paused, its domain a copy of the checkpointed one.
+    """A new VM from ckpt, paused, its domain a copy of the checkpointed one, its
+    card's link down: it still has its parent's MAC and address until its
+    hooks.d/clone-post.d/10-network asks for the link (sflib.net).
 
     Raises SnowFlockError (and leaves nothing behind) if QEMU cannot start.
     """
@@ -127,7 +133,8 @@ async def restore_clone(vms: VMTable, qemu: str, ckpt: Checkpoint, order: CloneO
     files = dataclasses.replace(vms.files(name), memory=order.memory or ckpt.image.path,
                                 owns_memory=False)  # fmt: skip
     files.console_log.parent.mkdir(parents=True, exist_ok=True)
-    machine = Machine(qemu, ckpt.spec_for(name, domid), files, vms.bus, files.extra["qemu_log"])
+    spec = ckpt.spec_for(name, domid, order.nic)
+    machine = Machine(qemu, spec, files, vms.bus, files.extra["qemu_log"])
     machine.restore_from = ckpt.snapshot
     if order.memory is not None:
         machine.env = tap.qemu_environment()
@@ -139,6 +146,8 @@ async def restore_clone(vms: VMTable, qemu: str, ckpt: Checkpoint, order: CloneO
         await machine.start()
         await machine.wait_bus()
         await machine.load_state(ckpt.devstate)
+        if order.nic is not None:
+            await machine.set_link(False)
     except BaseException:
         vms.unreserve(clone)
         await machine.stop()

@@ -32,15 +32,16 @@ class RemoteClones:
         self.link = link
 
     async def spawn(self, ticket: Ticket, ckpt: Checkpoint, parent_domid: int, family: str,
-                    reply: dict[str, Any], ids: dict[str, list[int]],
-                    started: float) -> None:  # fmt: skip
-        """Start ticket's clones on the other hosts of ids; a host that fails marks its
-        clones crashed. Never raises."""
+                    reply: dict[str, Any], ids: dict[str, list[int]], started: float,
+                    network: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """Start ticket's clones on the other hosts of ids (network: their family
+        network, see FamilyNetworks); a host that fails marks its clones crashed.
+        Never raises."""
         server = await self.memory.export()
         payload = {"ticket": ticket.id, "family": family, "owner_host": self.link.host,
                    "owner_address": self.link.address, "rid": ckpt.rid, "reply": reply,
                    "manifest": ckpt.manifest(), "memserver": server,
-                   "image": ckpt.image.path.name,
+                   "image": ckpt.image.path.name, "network": network,
                    "devstate": base64.b64encode(ckpt.devstate.read_bytes()).decode()}  # fmt: skip
         hosts = [h for h in ids if h != self.link.host]
         for host in hosts:

@@ -56,6 +56,7 @@ class Ticket:
     checkpoint: str | None = None  # what its clones were made from
     placement: dict[str, int] = field(default_factory=dict)  # host: clones; {}: all here
     addresses: dict[str, str] = field(default_factory=dict)  # host: its sfld's address
+    net_base: int = 0  # clone k is member net_base + k of its family's network
 
     @property
     def finished(self) -> bool:

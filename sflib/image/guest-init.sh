@@ -68,6 +68,14 @@ wait_for_ports() {
     say "no virtio port named $XENBUS_PORT"
 }
 
+# A VM on a family network (sfld(8), NETWORK) asks its host's DHCP server for its
+# address: the lease is static, so a reboot or renewal gets the same one.
+configure_network() {
+    [ -e /sys/class/net/eth0 ] || return 0
+    ip link set dev eth0 up  # udhcpc spins on a link that is down
+    udhcpc -i eth0 -n -q -t 5 -T 1 >/dev/null 2>&1 || say "no DHCP lease on eth0"
+}
+
 # Tell sfld through XenStore that the guest is up (sf-vm run --wait-ready).
 notify_ready() {
     [ -e "/dev/virtio-ports/$XENBUS_PORT" ] || return 0
@@ -80,6 +88,7 @@ main() {
     load_modules
     wait_for_ports
     ifconfig lo 127.0.0.1 up
+    configure_network
     hostname snowflock
     notify_ready
     say ready

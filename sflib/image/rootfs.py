@@ -23,6 +23,8 @@ PYTHON = "python3.11"
 STDLIB = f"usr/lib/{PYTHON}"
 DIST_PACKAGES = "usr/lib/python3/dist-packages"
 INIT_SCRIPT = Path(__file__).with_name("guest-init.sh")
+DHCP_SCRIPT = Path(__file__).with_name("udhcpc.script")
+GUEST_DHCP_SCRIPT = "etc/udhcpc/default.script"  # where Debian's busybox udhcpc looks
 GUEST_HOOKS = "etc/snowflock/hooks.d"
 GUEST_MODULE_LIST = "etc/snowflock/modules"
 
@@ -78,6 +80,10 @@ def add_skeleton(root: Path) -> None:
     init = root / "init"
     shutil.copyfile(INIT_SCRIPT, init)
     init.chmod(0o755)
+    dhcp = root / GUEST_DHCP_SCRIPT
+    dhcp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(DHCP_SCRIPT, dhcp)
+    dhcp.chmod(0o755)
 
 
 def add_busybox_links(root: Path) -> int:

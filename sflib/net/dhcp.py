@@ -22,13 +22,17 @@ def hosts_file(family: int, members: list[int]) -> str:
     return "".join(lines)
 
 
-def dnsmasq_argv(family: int, hosts: Path, leases: Path) -> list[str]:
+def dnsmasq_argv(family: int, hosts: Path, leases: Path, gateway: str | None = None,
+                 mtu: int | None = None) -> list[str]:  # fmt: skip
+    """gateway: the members' router (default: the host's bridge, the subnet's .1);
+    mtu: the one members must use (a network spanning hosts over VXLAN)."""
     net = identity.subnet(family)
+    extra = [f"--dhcp-option-force=option:mtu,{mtu}"] if mtu else []  # asked or not
     return ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
             f"--interface={fabric.bridge_name(family)}", "--bind-interfaces",
             "--except-interface=lo",
             f"--dhcp-range={net.network_address},static,{net.netmask},12h",
             f"--dhcp-hostsfile={hosts}", f"--dhcp-leasefile={leases}",
-            f"--dhcp-option=option:router,{net.network_address + 1}",
+            f"--dhcp-option=option:router,{gateway or net.network_address + 1}",
             "--dhcp-authoritative", "--log-dhcp", "--log-facility=-",
-            "--user=root", "--pid-file="]  # fmt: skip
+            "--user=root", "--pid-file=", *extra]  # fmt: skip

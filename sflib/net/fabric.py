@@ -30,6 +30,7 @@ from sflib.net import identity
 log = logging.getLogger(__name__)
 
 VXLAN_PORT = 4789
+VXLAN_MTU = 1450  # a 1500-byte underlay less VXLAN's 50 bytes: what members must use
 _OURS = re.compile(r"^sf[bx](\d+)$")
 
 
@@ -73,7 +74,7 @@ class FamilyFabric:
     """The family network of one host. Use create(), join(), attach(), destroy()."""
 
     family: int
-    underlay_ip: str  # this host's address on the underlay
+    underlay_ip: str | None  # this host's address on the underlay; None: a host alone
     netns: str | None = None
     peers: set[str] = field(default_factory=set)
 
@@ -90,10 +91,11 @@ class FamilyFabric:
         try:
             self._ip("link", "add", self.bridge, "address", identity.gateway_mac(self.family),
                      "type", "bridge")  # fmt: skip
-            self._ip("link", "add", self.vxlan, "type", "vxlan", "id",
-                     str(identity.vni(self.family)), "local", self.underlay_ip,
-                     "dstport", str(VXLAN_PORT), "nolearning")  # fmt: skip
-            self._ip("link", "set", self.vxlan, "master", self.bridge, "up")
+            if self.underlay_ip is not None:
+                self._ip("link", "add", self.vxlan, "type", "vxlan", "id",
+                         str(identity.vni(self.family)), "local", self.underlay_ip,
+                         "dstport", str(VXLAN_PORT), "nolearning")  # fmt: skip
+                self._ip("link", "set", self.vxlan, "master", self.bridge, "up")
             self._ip("link", "set", self.bridge, "up")
             gateway = f"{identity.subnet(self.family).network_address + 1}/{identity.PREFIX}"
             self._ip("addr", "add", gateway, "dev", self.bridge)
@@ -101,12 +103,15 @@ class FamilyFabric:
         except CommandFailed:
             self.destroy()
             raise
-        log.info("family %d: bridge %s, VXLAN %s (VNI %d)", self.family, self.bridge,
-                 self.vxlan, identity.vni(self.family))  # fmt: skip
+        if self.underlay_ip is None:
+            log.info("family %d: bridge %s", self.family, self.bridge)
+        else:
+            log.info("family %d: bridge %s, VXLAN %s (VNI %d)", self.family, self.bridge,
+                     self.vxlan, identity.vni(self.family))  # fmt: skip
 
     def join(self, peer_ip: str) -> None:
         """Flood the family's broadcasts and unknown frames to another host too."""
-        if peer_ip in self.peers or peer_ip == self.underlay_ip:
+        if peer_ip in self.peers or peer_ip == self.underlay_ip or self.underlay_ip is None:
             return
         self._bridge("fdb", "append", "00:00:00:00:00:00", "dev", self.vxlan, "dst", peer_ip)
         self.peers.add(peer_ip)
@@ -169,7 +174,7 @@ def leftovers(netns: str | None = None) -> list[int]:
     return sorted(found | set(tables(netns)))
 
 
-def remove_leftovers(underlay_ip: str, netns: str | None = None) -> list[int]:
+def remove_leftovers(underlay_ip: str | None, netns: str | None = None) -> list[int]:
     """Remove every family network device a dead sfld left (at start-up)."""
     found = leftovers(netns)
     for family in found:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from sflib.errors import UsageError
+from sflib.errors import UsageError, WrongStateError
 
 OUI = (0x02, 0x53, 0x46)
 MAX_FAMILY = 0xFFF
@@ -45,6 +45,28 @@ def check_family(family: int) -> int:
     if not 1 <= family <= MAX_FAMILY:
         raise UsageError(f"family {family} out of range", hint=f"1 to {MAX_FAMILY}")
     return family
+
+
+def free_family(used: set[int]) -> int:
+    """The lowest family number not in used. Raises WrongStateError."""
+    for family in range(1, MAX_FAMILY + 1):
+        if family not in used:
+            return family
+    raise WrongStateError(f"all {MAX_FAMILY} family networks are in use")
+
+
+def member_base(taken: list[range], n: int) -> int:
+    """The lowest base such that members base+1 .. base+n are in none of the taken
+    ranges (a parent's other live tickets): clone k of a ticket is member base+k,
+    so the clones of two tickets never share an address. Raises WrongStateError."""
+    base = 0
+    while base + n <= MAX_ID:
+        wanted = range(base + 1, base + n + 1)
+        clash = [r for r in taken if r.start < wanted.stop and wanted.start < r.stop]
+        if not clash:
+            return base
+        base = max(r.stop for r in clash) - 1
+    raise WrongStateError(f"no {n} free addresses left on the family's network")
 
 
 def subnet(family: int) -> ipaddress.IPv4Network:

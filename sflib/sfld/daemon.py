@@ -22,6 +22,7 @@ from sflib.errors import SystemFailure, UsageError, WrongStateError
 from sflib.fork.checkpoint import describe
 from sflib.fork.engine import ForkEngine
 from sflib.memory.service import MemoryService, TapSettings
+from sflib.net.service import FamilyNetworks
 from sflib.sfld import control
 from sflib.sfld.vms import VMRequest, VMTable
 from sflib.vm.accel import Accel, AccelChoice, choose
@@ -59,6 +60,9 @@ class Daemon:
             raise SystemFailure(f"cannot create sfld's folders: {e}") from e
         self.vms.recover()
         self.cluster = self._cluster_link()
+        if self.settings["network"] == "family":
+            self.vms.network = FamilyNetworks(self.settings, self.cluster)
+            self.vms.network.recover()
         self.memory = self._memory_service()
         self.memory.recover()
         self.fork = ForkEngine(self.vms, self.settings["max_clones"],
@@ -103,6 +107,8 @@ class Daemon:
         await control.close_server(self.control, self.control_socket)
         assert self.vms is not None
         await self.vms.stop_all()
+        if self.vms.network is not None:
+            await self.vms.network.close()
         if self.fork.hosted is not None:
             await self.fork.hosted.drain()
         if self.cluster is not None:
@@ -149,6 +155,9 @@ class Daemon:
             return describe(self.fork.checkpoint_dir, str(args.get("checkpoint")))
         if op == "ticket.list":
             return self.fork.list_tickets()
+        if op == "network.status":
+            return {"network": self.settings["network"], "router": self.settings["router"],
+                    "families": vms.network.status() if vms.network else []}  # fmt: skip
         if op == "memory.stats":
             return await self.memory.stats()
         if op == "cluster.status":

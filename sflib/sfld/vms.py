@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 from sflib.errors import NotFoundError, OperationTimeout, UsageError, WrongStateError
 from sflib.fork.checkpoint import MemoryImage
+from sflib.net.service import NETWORK_KEY, FamilyNetworks
 from sflib.vm.accel import Accel
 from sflib.vm.machine import Machine
 from sflib.vm.qemu import VMFiles, VMSpec
@@ -69,6 +71,7 @@ class VM:
     generation: int = 0  # how many QEMU processes this VM has had (see fork)
     family: str | None = None  # a clone's parent VM
     clone_id: int | None = None
+    network: int | None = None  # the family network this VM (a parent) holds
 
     def info(self) -> dict[str, Any]:
         spec = self.machine.spec
@@ -85,6 +88,7 @@ class VM:
             "boot_to_ready_s": self.boot_to_ready,
             "family": self.family,
             "clone_id": self.clone_id,
+            "mac": spec.nic.mac if spec.nic else None,
             "console_log": str(self.machine.files.console_log),
         }
 
@@ -126,6 +130,7 @@ class VMTable:
         self.memory_dir = Path(settings["memory_dir"])
         self.on_end: list[Callable[[VM], Awaitable[None]]] = []  # e.g. the fork engine
         self.images: dict[str, MemoryImage] = {}  # the frozen image a VM maps, if any
+        self.network: FamilyNetworks | None = None  # set when VMs get cards
 
     def prepare(self) -> None:
         for d in (self.state_dir, self.run_dir, self.memory_dir):
@@ -185,7 +190,11 @@ class VMTable:
         ready_path = f"/local/domain/{spec.domid}/{READY_KEY.decode()}"
         self.bus.local.watch(ready_path, spec.name.encode(), lambda _p, _t: self._check_ready(vm))
         try:
+            await self._add_card(vm)
             await machine.start()
+            if self.network is not None:
+                await self.network.join(spec.name, parent_here=True)
+                self.published_network(vm)
         except BaseException:
             await self._forget(vm)
             raise
@@ -199,6 +208,24 @@ class VMTable:
             spec.vcpus,
         )
         return vm
+
+    async def _add_card(self, vm: VM) -> None:
+        """A new VM's card: a family network of its own, where it is member 0."""
+        if self.network is None:
+            return
+        name = vm.machine.spec.name
+        vm.network = await self.network.allocate(name)
+        member = self.network.open(name, vm.network, 0)
+        vm.machine.spec = dataclasses.replace(vm.machine.spec, nic=member.nic)
+
+    def published_network(self, vm: VM) -> dict[str, Any] | None:
+        """Write vm's identity on its family network into its XenStore domain (a clone
+        finds its parent's there); returns it, or None if vm has no card."""
+        info = self.network.published(vm.machine.spec.name) if self.network else None
+        if info is not None:
+            key = f"/local/domain/{vm.machine.spec.domid}/{NETWORK_KEY}"
+            self.bus.local.write(key, json.dumps(info).encode())
+        return info
 
     def allocate_domid(self) -> int:
         return next_domid({vm.machine.spec.domid for vm in self.vms.values()})
@@ -292,6 +319,11 @@ class VMTable:
         spec = vm.machine.spec
         for callback in self.on_end:
             await callback(vm)
+        if self.network is not None:
+            await self.network.leave(spec.name)
+            if vm.network is not None:
+                await self.network.release(vm.network)
+                vm.network = None
         if self.vms.get(spec.name) is vm:
             del self.vms[spec.name]
         await vm.machine.stop()

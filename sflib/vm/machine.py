@@ -18,7 +18,7 @@ from qemu.qmp import QMPClient, QMPError
 
 from sflib import run
 from sflib.errors import OperationTimeout, SystemFailure
-from sflib.vm.qemu import VMFiles, VMSpec, qemu_argv
+from sflib.vm.qemu import NIC_ID, VMFiles, VMSpec, qemu_argv
 from sflib.xenstore.server import Connection, XenStoreServer
 from sflib.xenstore.snapshot import DomainSnapshot
 
@@ -63,7 +63,9 @@ class Machine:
         """Start QEMU and connect QMP. Raises SystemFailure or OperationTimeout."""
         try:
             await self._listen()
-            self.proc = await run.spawn(self.argv, log_file=self.qemu_log, env=self.env)
+            fds = [self.spec.nic.fd] if self.spec.nic else []
+            self.proc = await run.spawn(self.argv, log_file=self.qemu_log, env=self.env,
+                                        pass_fds=fds)  # fmt: skip
             self.log.info("started QEMU, pid %d", self.proc.pid)
             await self._accept_qmp()
         except BaseException:
@@ -145,6 +147,10 @@ class Machine:
 
     async def resume(self) -> None:
         await self.execute("cont")
+
+    async def set_link(self, up: bool) -> None:
+        """The network card's link: down, the card neither sends nor receives."""
+        await self.execute("set_link", {"name": NIC_ID, "up": up})
 
     async def save_state(self, path: Path, with_ram: bool = False) -> None:
         """Write the device state, without shared RAM, to path (the VM must be paused).

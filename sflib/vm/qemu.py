@@ -17,6 +17,18 @@ from pathlib import Path
 from sflib.vm.accel import Accel
 from sflib.vm.guestbus import XENBUS_PORT
 
+NIC_ID = "nic0"  # the card's QMP name (set_link)
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A VM's network card on its family's network (sflib.net): a tap sfld opened,
+    passed down as fd, and the card's MAC."""
+
+    tap: str
+    fd: int
+    mac: str
+
 
 @dataclass(frozen=True)
 class VMSpec:
@@ -30,6 +42,7 @@ class VMSpec:
     append: str = ""  # extra kernel command line
     incoming: str | None = None  # "defer" for a VM restored from a descriptor
     share_memory: bool = True  # False: a private copy-on-write mapping (a clone)
+    nic: Nic | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,7 @@ def machine_args(spec: VMSpec, files: VMFiles) -> list[str]:
     ]  # fmt: skip
 
 
-def device_args(files: VMFiles) -> list[str]:
+def device_args(spec: VMSpec, files: VMFiles) -> list[str]:
     return [
         "-chardev", f"file,id=console,path={files.console_log},append=on",
         "-serial", "chardev:console",
@@ -75,7 +88,18 @@ def device_args(files: VMFiles) -> list[str]:
         "-chardev", f"socket,id=xenbus,path={files.xenbus_socket},reconnect=1",
         "-device", f"virtserialport,bus=vser.0,chardev=xenbus,name={XENBUS_PORT}",
         "-device", "virtio-balloon-pci,id=balloon",
+        *nic_args(spec.nic),
     ]  # fmt: skip
+
+
+def nic_args(nic: Nic | None) -> list[str]:
+    # A clone's card must be the parent's device (same bus address, same features):
+    # only the MAC differs, and the parent's state, loaded over it, brings the
+    # parent's back until the clone's hook sets its own.
+    if nic is None:
+        return []
+    return ["-netdev", f"tap,id=net0,fd={nic.fd},vhost=off",
+            "-device", f"virtio-net-pci,id={NIC_ID},netdev=net0,mac={nic.mac}"]  # fmt: skip
 
 
 def boot_args(spec: VMSpec) -> list[str]:
@@ -87,7 +111,7 @@ def boot_args(spec: VMSpec) -> list[str]:
 
 
 def qemu_argv(qemu: str, spec: VMSpec, files: VMFiles) -> list[str]:
-    return [qemu, *machine_args(spec, files), *device_args(files), *boot_args(spec)]
+    return [qemu, *machine_args(spec, files), *device_args(spec, files), *boot_args(spec)]
 
 
 def show(argv: list[str]) -> str:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 from sflib.cluster.testbed import Testbed
 from sflib.image import build as image
 from sflib.image.initramfs import default_compression
+from sflib.net import fabric, router
 from sflib.paths import Paths
 
 
@@ -54,6 +56,7 @@ class Host:
     image: Path
     accel: str
     proc: subprocess.Popen[bytes] | None = None
+    netns: str | None = None  # its network namespace (a testbed host's, or its own)
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -72,9 +75,17 @@ class Host:
         return Paths(self.root).memory_dir
 
     def start(self, *extra: str) -> None:
+        """Start sfld in the host's network namespace (made the first time): its
+        family networks and routing stay out of the machine's own."""
+        if self.netns is None:
+            self.netns = f"sfh{secrets.token_hex(3)}"
+            subprocess.run(["ip", "netns", "add", self.netns], check=True, timeout=30)
+            subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True,
+                           timeout=30)  # fmt: skip
         r, w = os.pipe()
-        argv = [str(ROOT / "bin/sfld"), "--accel", self.accel, "--image-dir", str(self.image),
-                "--ready-fd", str(w), *extra]  # fmt: skip
+        argv = ["nsenter", f"--net=/run/netns/{self.netns}", str(ROOT / "bin/sfld"),
+                "--accel", self.accel, "--image-dir", str(self.image), "--ready-fd", str(w),
+                *extra]  # fmt: skip
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, env=self.env, pass_fds=[w], stderr=log)
         os.close(w)
@@ -114,6 +125,10 @@ class Host:
         found += qemu_processes(self.memory_dir)
         found += memtap_mounts(self.memory_dir)
         found += processes(f"build/(memserver|memtap) .*{self.memory_dir}( |/)")
+        found += processes(f"dnsmasq .*{self.root}/")
+        if self.netns is not None:
+            found += [f"family {f}" for f in fabric.leftovers(self.netns)]
+            found += [f"router {f}" for f in router.leftovers(self.netns)]
         return found
 
 
@@ -143,6 +158,8 @@ def running_host(guest_image: image.Result, *sfld_args: str) -> Iterator[Host]:
             h.proc.kill()
             h.proc.wait()
         _remove_leftovers(h.memory_dir)
+        if h.netns is not None:
+            subprocess.run(["ip", "netns", "delete", h.netns], check=False, timeout=30)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -215,7 +232,8 @@ def running_cluster(guest_image: image.Result, n: int = 3, *sfld_args: str) -> I
     args = ["--accel", "tcg", "--image-dir", str(guest_image.out), *sfld_args]
     try:
         with Testbed.create(workdir, hosts=n, sfld_args=args) as bed:
-            cluster = Cluster(bed, [Host(h.root, guest_image.out, "tcg") for h in bed.hosts])
+            cluster = Cluster(bed, [Host(h.root, guest_image.out, "tcg", netns=h.netns)
+                                    for h in bed.hosts])  # fmt: skip
             for host, daemon in zip(cluster.hosts, bed.hosts, strict=True):
                 host.log = daemon.log
             try:

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from sflib.errors import UsageError
+from sflib.errors import UsageError, WrongStateError
 from sflib.net import identity
 from sflib.net.fabric import bridge_name, vxlan_name
 
@@ -81,3 +81,19 @@ def test_the_central_router_is_in_the_family_and_no_member() -> None:
     assert identity.router_mac(5)[:13] == prefix[:13]  # inside the family's range
     assert identity.identity(5, 3, central=True).gateway == identity.router_ip(5)
     assert identity.identity(5, 3).gateway == str(net.network_address + 1)
+
+
+def test_concurrent_tickets_get_apart_members() -> None:
+    assert identity.member_base([], 4) == 0
+    assert identity.member_base([range(1, 5)], 2) == 4  # members 5, 6
+    assert identity.member_base([range(3, 7)], 4) == 6  # 1..4 would clash with 3, 4
+    assert identity.member_base([range(5, 7)], 3) == 0
+    with pytest.raises(WrongStateError):
+        identity.member_base([range(1, identity.MAX_ID + 1)], 1)
+
+
+def test_family_numbers_are_the_lowest_free() -> None:
+    assert identity.free_family(set()) == 1
+    assert identity.free_family({1, 2, 4}) == 3
+    with pytest.raises(WrongStateError):
+        identity.free_family(set(range(1, identity.MAX_FAMILY + 1)))

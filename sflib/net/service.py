@@ -1,0 +1,238 @@
+"""sfld's family networks (DESIGN §1, network identity): on this host, for each
+family with a member here, the fabric (bridge, VXLAN to the family's other hosts,
+isolation), the synthetic DHCP server and the router's part; for each member, its
+tap and its identity.
+
+A parent gets its family number when it starts (from the master in a cluster, so it
+is unique there; else from this host alone) and is member 0; clone k is member k.
+A family's pieces on a host exist while a member runs there: the first member
+brings them up, the last one's end takes them down. At start, whatever a dead sfld
+left (devices, tables, router namespaces) is removed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sflib import run
+from sflib.cluster.link import ClusterLink
+from sflib.errors import CommandFailed, SnowFlockError, SystemFailure
+from sflib.net import dhcp, fabric, identity, router
+from sflib.net.identity import Identity
+from sflib.net.tap import open_tap
+from sflib.vm.qemu import Nic
+
+log = logging.getLogger(__name__)
+
+NETWORK_KEY = "snowflock/network"  # a VM's identity on its family network (JSON)
+DHCP_START_TIMEOUT = 10  # seconds
+
+
+@dataclass
+class Member:
+    vm: str
+    me: Identity
+    tap: str
+    fd: int
+
+    @property
+    def nic(self) -> Nic:
+        return Nic(self.tap, self.fd, self.me.mac)
+
+
+@dataclass
+class FamilyHere:
+    """One family's pieces on this host."""
+
+    number: int
+    fabric: fabric.FamilyFabric
+    router: router.FamilyRouter
+    members: dict[int, Member] = field(default_factory=dict)
+    dnsmasq: asyncio.subprocess.Process | None = None
+
+
+class FamilyNetworks:
+    def __init__(self, settings: dict[str, Any], cluster: ClusterLink | None) -> None:
+        self.cluster = cluster
+        self.central = settings["router"] == "central"
+        self.policy = router.RouterPolicy(settings["router"], tuple(settings["inbound_ports"]),
+                                          settings["bandwidth"])  # fmt: skip
+        # The underlay address: where the other hosts' VXLANs reach this one.
+        self.underlay = cluster.listen[0] if cluster is not None else None
+        self.dir = Path(settings["state_dir"]) / "net"
+        # Named after the namespace sfld runs in, if it has a name (a test host): so
+        # do its router namespaces, which several such hosts on a machine share.
+        self.netns = current_netns()
+        self.families: dict[int, FamilyHere] = {}
+        self.members: dict[str, Member] = {}  # by VM name
+        self.local_numbers: dict[int, str] = {}  # alone: the numbers this host gave
+
+    def recover(self) -> None:
+        """Remove what a dead sfld left. Raises SystemFailure."""
+        try:
+            gone = sorted(set(router.remove_leftovers(self.netns))
+                          | set(fabric.remove_leftovers(None, self.netns)))  # fmt: skip
+        except SnowFlockError as e:
+            raise SystemFailure(f"cannot remove old family networks: {e}") from e
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if gone:
+            log.warning("removed the networks of families %s left by a previous sfld",
+                        ", ".join(map(str, gone)))  # fmt: skip
+
+    # Family numbers ------------------------------------------------------------------
+
+    async def allocate(self, vm: str) -> int:
+        if self.cluster is not None:
+            return await self.cluster.allocate_family(vm)
+        number = identity.free_family(set(self.local_numbers))
+        self.local_numbers[number] = vm
+        return number
+
+    async def release(self, number: int) -> None:
+        if self.cluster is not None:
+            await self.cluster.release_family(number)
+        else:
+            self.local_numbers.pop(number, None)
+
+    # Members ---------------------------------------------------------------------------
+
+    def open(self, vm: str, family: int, clone_id: int) -> Member:
+        """A member's tap (not yet on the bridge) and identity. Raises SystemFailure."""
+        me = identity.identity(family, clone_id, self.central)
+        tap = fabric.tap_name(family, clone_id)
+        member = Member(vm, me, tap, open_tap(tap))
+        self.members[vm] = member
+        return member
+
+    async def join(self, vm: str, parent_here: bool, peers: list[str] | None = None) -> None:
+        """Put vm's tap on its family's network here (making that network first if it
+        is the family's first member here). Raises SystemFailure."""
+        member = self.members[vm]
+        family = await self._family(member.me.family, parent_here)
+        try:
+            self.connect(member.me.family, peers or [])
+            family.fabric.attach(member.tap)
+        except CommandFailed as e:
+            raise SystemFailure(f"cannot attach {member.tap}: {e}") from e
+        family.members[member.me.clone_id] = member
+        self._leases_changed(family)
+
+    def connect(self, number: int, peers: list[str]) -> None:
+        """The family's network reaches these hosts (underlay addresses) too."""
+        family = self.families.get(number)
+        if family is None or self.underlay is None:
+            return
+        for peer in peers:
+            family.fabric.join(peer)
+
+    async def leave(self, vm: str) -> None:
+        """vm's tap goes; the family's network here with it if it was the last member."""
+        member = self.members.pop(vm, None)
+        if member is None:
+            return
+        os.close(member.fd)  # the tap disappears with the last holder (QEMU is gone)
+        family = self.families.get(member.me.family)
+        if family is None:
+            return
+        if family.members.get(member.me.clone_id) is member:
+            del family.members[member.me.clone_id]
+        if family.members:
+            self._leases_changed(family)
+        else:
+            await self._remove(family)
+
+    def published(self, vm: str) -> dict[str, Any] | None:
+        """What a VM is told of its network identity (XenStore, hooks), if it has one."""
+        member = self.members.get(vm)
+        return None if member is None else member.me.to_json()
+
+    async def close(self) -> None:
+        for vm in list(self.members):
+            await self.leave(vm)
+        for family in list(self.families.values()):
+            await self._remove(family)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [{"family": f.number, "bridge": f.fabric.bridge, "peers": sorted(f.fabric.peers),
+                 "router": self.policy.mode, "members": sorted(f.members)}
+                for f in self.families.values()]  # fmt: skip
+
+    # A family's pieces ----------------------------------------------------------------
+
+    async def _family(self, number: int, parent_here: bool) -> FamilyHere:
+        if number in self.families:
+            return self.families[number]
+        net = fabric.FamilyFabric(number, self.underlay, self.netns)
+        here = router.FamilyRouter(number, self.policy, self.netns, router_here=parent_here)
+        family = FamilyHere(number, net, here)
+        try:
+            net.create()
+            here.create()
+            family.dnsmasq = await self._dhcp(family)
+        except SnowFlockError as e:
+            await self._remove(family)
+            raise SystemFailure(f"cannot make family {number}'s network: {e}") from e
+        self.families[number] = family
+        return family
+
+    async def _dhcp(self, family: FamilyHere) -> asyncio.subprocess.Process:
+        """dnsmasq for the family, once it has read its hosts file: a SIGHUP before
+        then would end it. Raises SystemFailure."""
+        hosts, leases = self._files(family.number)
+        hosts.write_text("")
+        log_file = self.dir / f"dnsmasq-{family.number}.log"
+        log_file.write_text("")
+        gateway = identity.router_ip(family.number) if self.central else None
+        mtu = fabric.VXLAN_MTU if self.underlay is not None else None
+        proc = await run.spawn(dhcp.dnsmasq_argv(family.number, hosts, leases, gateway, mtu),
+                               log_file=log_file)  # fmt: skip
+        for _ in range(DHCP_START_TIMEOUT * 50):
+            if f"read {hosts}" in log_file.read_text(errors="replace"):
+                return proc
+            if proc.returncode is not None:
+                break
+            await asyncio.sleep(0.02)
+        await run.terminate_async(proc)
+        raise SystemFailure(f"dnsmasq did not start: {log_file.read_text()[-500:]}")
+
+    def _leases_changed(self, family: FamilyHere) -> None:
+        hosts, _ = self._files(family.number)
+        hosts.write_text(dhcp.hosts_file(family.number, list(family.members)))
+        if family.dnsmasq is not None and family.dnsmasq.returncode is None:
+            family.dnsmasq.send_signal(signal.SIGHUP)  # dnsmasq reads its hosts file again
+
+    def _files(self, number: int) -> tuple[Path, Path]:
+        return self.dir / f"{number}.hosts", self.dir / f"{number}.leases"
+
+    async def _remove(self, family: FamilyHere) -> None:
+        self.families.pop(family.number, None)
+        if family.dnsmasq is not None:
+            await run.terminate_async(family.dnsmasq)
+        family.router.destroy()
+        family.fabric.destroy()
+        for path in self._files(family.number):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (self.dir / f"dnsmasq-{family.number}.log").unlink()
+        log.info("family %d: network here removed", family.number)
+
+
+def current_netns(folder: Path = Path("/run/netns")) -> str | None:
+    """The name of the network namespace this process runs in, if it has one."""
+    mine = os.stat("/proc/self/ns/net")
+    with contextlib.suppress(OSError):
+        for path in sorted(folder.iterdir()):
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                    return path.name
+    return None

@@ -1,0 +1,39 @@
+"""A VM's tap device, opened by sfld and handed to each QEMU the VM has.
+
+sfld holds the tap's file descriptor for the VM's whole life and passes it down
+(-netdev tap,fd=N): a VM that goes on in a new QEMU after a checkpoint keeps its
+tap, which a second QEMU could not open by name while the first still holds it.
+The tap is not persistent, so it disappears when sfld closes it or dies. It always
+carries virtio-net headers: a clone's device state, saved with the offloads its
+parent negotiated, loads only onto a tap that has them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from sflib.errors import SystemFailure
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+
+
+def open_tap(name: str) -> int:
+    """A new tap device called name; returns its file descriptor (inheritable, so
+    QEMU gets it). Raises SystemFailure."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    except OSError as e:
+        raise SystemFailure(f"cannot open /dev/net/tun: {e.strerror}") from e
+    try:
+        request = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(fd, TUNSETIFF, request)
+        os.set_inheritable(fd, True)
+    except OSError as e:
+        os.close(fd)
+        raise SystemFailure(f"cannot create tap {name}: {e.strerror}") from e
+    return fd
