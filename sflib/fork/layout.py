@@ -22,7 +22,7 @@ IDENTITY = "snowflock/identity"  # {"id", "family", "ticket", ...}, written by s
 FREEPAGES = "snowflock/freepages"  # <key>/<i>, <key>/chunks: sflib.fork.freepages
 FREEPAGES_KEY = re.compile(r"^snowflock/freepages/[0-9a-f]{1,32}$")
 SHARE = "snowflock/share"  # in the parent's domain: <ticket>/<clone id>/<key>
-OPS = ("ticket", "clone", "checkpoint", "create_clones", "exit", "join", "kill")
+OPS = ("ticket", "clone", "checkpoint", "create_clones", "exit", "join", "kill", "link")
 
 _REQUEST_PATH = re.compile(r"^/local/domain/(\d+)/snowflock/requests/([A-Za-z0-9_-]{1,64})$")
 

@@ -82,11 +82,25 @@ class FamilyNetworks:
                           | set(fabric.remove_leftovers(None, self.netns)))  # fmt: skip
         except SnowFlockError as e:
             raise SystemFailure(f"cannot remove old family networks: {e}") from e
+        self._stop_old_dhcp()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         if gone:
             log.warning("removed the networks of families %s left by a previous sfld",
                         ", ".join(map(str, gone)))  # fmt: skip
+
+    def _stop_old_dhcp(self) -> None:
+        """dnsmasq drops its credentials, and with them the signal a child gets when
+        sfld dies: a dead sfld's servers may still run. Each has a record."""
+        for record in self.dir.glob("dnsmasq-*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(record.read_text())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if cmdline[0].endswith(b"dnsmasq") and any(
+                    arg.startswith(f"--dhcp-hostsfile={self.dir}/".encode()) for arg in cmdline
+                ):
+                    os.kill(pid, signal.SIGKILL)
+                    log.warning("stopped dnsmasq %d, left by a previous sfld", pid)
 
     # Family numbers ------------------------------------------------------------------
 
@@ -195,6 +209,7 @@ class FamilyNetworks:
         mtu = fabric.VXLAN_MTU if self.underlay is not None else None
         proc = await run.spawn(dhcp.dnsmasq_argv(family.number, hosts, leases, gateway, mtu),
                                log_file=log_file)  # fmt: skip
+        (self.dir / f"dnsmasq-{family.number}.pid").write_text(f"{proc.pid}\n")
         for _ in range(DHCP_START_TIMEOUT * 50):
             if f"read {hosts}" in log_file.read_text(errors="replace"):
                 return proc
@@ -221,8 +236,8 @@ class FamilyNetworks:
         family.fabric.destroy()
         for path in self._files(family.number):
             path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            (self.dir / f"dnsmasq-{family.number}.log").unlink()
+        for name in (f"dnsmasq-{family.number}.log", f"dnsmasq-{family.number}.pid"):
+            (self.dir / name).unlink(missing_ok=True)
         log.info("family %d: network here removed", family.number)
 
 

@@ -21,6 +21,7 @@ from tests.integration.conftest import (
     Host,
     boot,
     console,
+    processes,
     running_host,
 )
 from tests.integration.test_cluster import wait_for
@@ -52,9 +53,9 @@ else
   p=no; ping -c 1 -W 3 "$base.2" >/dev/null && p=ok
   s=no; ping -c 1 -W 3 "$base.$((2 + other))" >/dev/null && s=ok
   was=$({ADDRESS})
-  udhcpc -i eth0 -n -q -t 4 -T 1 >/dev/null 2>&1
-  echo "$was $(cat /sys/class/net/eth0/address) parent=$p sibling=$s renewed=$({ADDRESS})" \\
-    | sf-share put report
+  lease=$(udhcpc -i eth0 -n -q -t 4 -T 1 2>&1 | sed -n 's/.*lease of \\([0-9.]*\\) obtained.*/\\1/p')
+  echo "$was $(cat /sys/class/net/eth0/address) parent=$p sibling=$s lease=$lease" \\
+    "now=$({ADDRESS})" | sf-share put report
   """
     + GO
     + """
@@ -88,11 +89,12 @@ def test_clones_take_their_ids_identity_before_they_talk(host: Host) -> None:
     assert f"ADDR {parent.ip}" in out
     for k in (1, 2):
         me = identity(1, k)
-        report = f"REPORT {k} {me.ip} {me.mac} parent=ok sibling=ok renewed={me.ip}"
+        address = me.ip.split("/")[0]
+        report = f"REPORT {k} {me.ip} {me.mac} parent=ok sibling=ok lease={address} now={me.ip}"
         assert report in out, out[-3000:]
         assert f"PING {k} ok" in out
         # The parent knows each clone by the clone's own MAC.
-        assert re.search(rf"^NEIGH {me.ip.split('/')[0]} .*lladdr {me.mac}", out, re.M)
+        assert re.search(rf"^NEIGH {address} .*lladdr {me.mac}", out, re.M)
     # sfld published each member's identity in its XenStore domain.
     for k, domid in clone_domains(host).items():
         raw = host.xenstore("xenstore-read", f"/local/domain/{domid}/snowflock/network").stdout
@@ -114,6 +116,8 @@ def test_a_crashed_sflds_network_is_removed_when_it_starts_again(host: Host) -> 
     assert fabric.leftovers(host.netns) == [1] and router.leftovers(host.netns) == [1]
     host.stop(signal.SIGKILL)
     assert fabric.leftovers(host.netns) == [1]  # nobody removed them
+    assert processes(f"dnsmasq .*{host.root}/")  # it outlives sfld
     host.start()
     assert fabric.leftovers(host.netns) == [] and router.leftovers(host.netns) == []
     assert "removed the networks of families 1" in host.log.read_text()
+    assert not processes(f"dnsmasq .*{host.root}/")
