@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     boot,
     console,
     processes,
+    running_cluster,
     running_host,
 )
 from tests.integration.test_cluster import wait_for
@@ -53,7 +54,8 @@ else
   p=no; ping -c 1 -W 3 "$base.2" >/dev/null && p=ok
   s=no; ping -c 1 -W 3 "$base.$((2 + other))" >/dev/null && s=ok
   was=$({ADDRESS})
-  lease=$(udhcpc -i eth0 -n -q -t 4 -T 1 2>&1 | sed -n 's/.*lease of \\([0-9.]*\\) obtained.*/\\1/p')
+  lease=$(udhcpc -i eth0 -n -q -t 4 -T 1 2>&1 \\
+    | sed -n 's/.*lease of \\([0-9.]*\\) obtained.*/\\1/p')
   echo "$was $(cat /sys/class/net/eth0/address) parent=$p sibling=$s lease=$lease" \\
     "now=$({ADDRESS})" | sf-share put report
   """
@@ -121,3 +123,106 @@ def test_a_crashed_sflds_network_is_removed_when_it_starts_again(host: Host) -> 
     assert fabric.leftovers(host.netns) == [] and router.leftovers(host.netns) == []
     assert "removed the networks of families 1" in host.log.read_text()
     assert not processes(f"dnsmasq .*{host.root}/")
+
+
+# Across hosts: the parent on h1 listens on 9090 (its clones inherit the listener),
+# its clones on h2 and h3 on 8080 too; each answers with its hostname.
+SERVE = """
+serve() { python3 -c "
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('', $1)); s.listen(8)
+while True:
+    c, _ = s.accept(); c.sendall(socket.gethostname().encode()); c.close()
+" & }
+"""
+SPREAD = (
+    SERVE
+    + """
+serve 9090
+t=$(sf-ticket 2)
+id=$(sf-clone "$t")
+if [ "$id" = 0 ]; then
+  until [ "$(sf-share ls "$t" | grep -c report)" = 2 ]; do sleep 1; done
+  for k in 1 2; do echo "REPORT $k $(sf-share get "$t" $k report)"; done
+  echo SHARED
+  sf-join "$t" >/dev/null; echo SF-DONE
+else
+  serve 8080
+  other=$((3 - id))
+  p=no; ping -c 2 -W 3 10.0.16.2 >/dev/null && p=ok
+  s=no; ping -c 2 -W 3 "10.0.16.$((2 + other))" >/dev/null && s=ok
+  echo "parent=$p sibling=$s mtu=$(cat /sys/class/net/eth0/mtu)" | sf-share put report
+  """
+    + GO
+    + """
+  sf-exit 0
+fi
+"""
+)
+
+# Another family's parent: it reaches its own gateway, but not family 1, neither
+# routed through its host nor with a MAC and an address of family 1's.
+INTRUDER = (
+    GO
+    + """
+g=no; ping -c 2 -W 3 10.0.32.1 >/dev/null && g=ok
+r=no; ping -c 2 -W 3 10.0.16.2 >/dev/null && r=ok
+ip link set dev eth0 address 02:53:46:00:10:32
+ip addr flush dev eth0; ip addr add 10.0.16.50/20 dev eth0
+s=no; ping -c 2 -W 3 10.0.16.2 >/dev/null && s=ok
+echo "gateway=$g routed=$r spoofed=$s"
+echo SF-DONE
+"""
+)
+
+
+def connect(netns: str, address: str, port: int) -> str:
+    """What a TCP client in netns gets from address:port: the answer, or the error."""
+    code = ("import socket, sys\n"
+            "try:\n"
+            f"    c = socket.create_connection(('{address}', {port}), timeout=10)\n"
+            "    print(c.recv(100).decode())\n"
+            "except OSError as e:\n"
+            "    print(type(e).__name__)\n")  # fmt: skip
+    out = subprocess.run(["ip", "netns", "exec", netns, "python3", "-c", code],
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("mode", ["distributed", "central"])
+def test_a_family_spans_hosts_behind_its_router(guest_image: image.Result, mode: str) -> None:
+    args = ("--router", mode, "--inbound-ports", "8080")
+    with running_cluster(guest_image, 3, *args) as cluster:
+        h1, h2, h3 = cluster.hosts
+        bed = cluster.bed
+        boot(h1, "fam", SPREAD)
+        boot(h2, "intruder", INTRUDER)
+        out = console(h1, "fam", "SHARED")
+        for k in (1, 2):
+            assert f"REPORT {k} parent=ok sibling=ok mtu={fabric.VXLAN_MTU}" in out, out[-2000:]
+        where = {v["clone_id"]: h.netns for h in (h2, h3) for v in h.vm_json("ls")
+                 if v["clone_id"] is not None}  # fmt: skip
+        assert sorted(where) == [1, 2]
+        # Another family, on a host that runs one of these clones, cannot reach them.
+        (intruder_domid,) = [v["domid"] for v in h2.vm_json("ls") if v["name"] == "intruder"]
+        h2.xenstore("xenstore-write", f"/local/domain/{intruder_domid}/go", "1")
+        assert "gateway=ok routed=no spoofed=no" in console(h2, "intruder")
+        # From outside: the parent on any port, a clone on 8080 only.
+        outside = f"{bed.tag}-o"
+        bed._attach("o", f"{bed.subnet}.99")
+        routers = {h.netns: d.address for h, d in zip(cluster.hosts, bed.hosts, strict=True)}
+        for k in (0, 1, 2):
+            via = routers[h1.netns if mode == "central" or k == 0 else where[k]]
+            member = identity(1, k).ip.split("/")[0]
+            subprocess.run(["ip", "-n", outside, "route", "add", member, "via", via],
+                           check=True, timeout=30)  # fmt: skip
+        assert connect(outside, "10.0.16.2", 9090) == "snowflock"
+        for k in (1, 2):
+            assert connect(outside, f"10.0.16.{2 + k}", 8080) == f"fam-{k}"
+            assert connect(outside, f"10.0.16.{2 + k}", 9090) == "ConnectionRefusedError"
+        for h in (h2, h3):
+            for vm in h.vm_json("ls"):
+                if vm["clone_id"] is not None:
+                    h.xenstore("xenstore-write", f"/local/domain/{vm['domid']}/go", "1")
+        console(h1, "fam")
