@@ -137,7 +137,16 @@ def _guards(own: str) -> list[str]:
     return rules
 
 
-def _table(family: int, nat: list[str], forward: list[str]) -> str:
+def _closed(inside: str) -> list[str]:
+    """Input rules (pure): from the family, the host (or the router) itself answers
+    DHCP and ping only; its own services (sfld's peers, memory server) stay shut."""
+    return [f'iifname "{inside}" ct state established,related accept',
+            f'iifname "{inside}" udp dport 67 accept',
+            f'iifname "{inside}" icmp type echo-request accept',
+            f'iifname "{inside}" drop']  # fmt: skip
+
+
+def _table(family: int, nat: list[str], forward: list[str], input: list[str]) -> str:
     def chain(name: str, hook: str, rules: list[str]) -> str:
         body = "".join(f"        {rule}\n" for rule in rules)
         return (f"    chain {name} {{\n"
@@ -145,6 +154,7 @@ def _table(family: int, nat: list[str], forward: list[str]) -> str:
 
     chains = chain("postrouting", "nat hook postrouting priority srcnat", nat) if nat else ""
     chains += chain("forward", "filter hook forward priority filter", forward)
+    chains += chain("input", "filter hook input priority filter", input)
     return f"table inet {table_name(family)} {{\n{chains}}}\n"
 
 
@@ -175,7 +185,7 @@ def firewall_rules(family: int, policy: RouterPolicy) -> str:
         f'oifname "{inside}" meta l4proto tcp reject with tcp reset',
         f'oifname "{inside}" reject with icmpx type admin-prohibited',
     ]
-    return _table(family, nat, forward)
+    return _table(family, nat, forward, _closed(inside))
 
 
 def host_rules(family: int, router_here: bool) -> str:
@@ -187,10 +197,12 @@ def host_rules(family: int, router_here: bool) -> str:
     forward = [f'iifname "{bridge}" oifname != "{bridge}" drop',
                f'oifname "{bridge}" iifname != "{bridge}" drop']  # fmt: skip
     if not router_here:
-        return _table(family, [], forward)
+        return _table(family, [], forward, _closed(bridge))
     uplink = uplink_name(family)
     nat = [f'oifname != "{uplink}" ip saddr {uplink_net(family)} masquerade']
-    return _table(family, nat, forward + _guards(uplink))
+    shut = _closed(bridge) + [f'iifname "{uplink}" ct state established,related accept',
+                              f'iifname "{uplink}" drop']  # fmt: skip
+    return _table(family, nat, forward + _guards(uplink), shut)
 
 
 def police(rate_mbit: int) -> str:

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 RATE_MBIT = 8
 ALLOWED, NOT_ALLOWED, ANY = 22, 2222, 4242  # ports: open on clones, not open, the parent's
 OUT_PORT = 9000  # the outside's server
+HOST_PORT = 7100  # a host's own service, like sfld's peer port
 SIZE = 2_000_000  # bytes: 2 s at RATE_MBIT
 BYTES_PER_S = RATE_MBIT * 1_000_000 // 8
 
@@ -240,6 +241,11 @@ def test_members_go_out_through_nat_and_only_the_allowed_comes_in(families: Fami
     # Another family's member on the same host gets nowhere, not even to the parent.
     assert "reply" not in f.connect(stranger, address(7, 0), ANY)
     assert "reply" not in f.connect(stranger, address(7, 1), ALLOWED)
+    # The host's own services (sfld's peers, the memory server) are closed to members.
+    f.serve(h1.netns, HOST_PORT)
+    bridge_ip = str(subnet(7).network_address + 1)
+    assert "reply" not in f.connect(parent, bridge_ip, HOST_PORT)
+    assert "reply" in f.connect(f.outside, h1.address, HOST_PORT)  # it does listen
     if f.mode == "central":  # a member that takes its host's bridge for a gateway
         ip("-n", parent, "route", "replace", "default", "via", identity(7, 0).gateway)
         assert "reply" not in f.connect(parent, f.outside_ip, OUT_PORT)
