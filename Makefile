@@ -112,7 +112,7 @@ lint: deps-python
 	$(VENV)/bin/ruff format --check sflib tests bench
 	$(VENV)/bin/mypy
 	shellcheck -x .ci/run sflib/cli/launcher.sh tests/bats/*.bash completion/bash/* \
-	    hooks.d/*/* demo/*.sh sflib/image/guest-init.sh
+	    hooks.d/*/* demo/*.sh sflib/image/guest-init.sh sflib/image/udhcpc.script
 	$(PY) -m sflib.cli.completion --check completion/bash $(EXECUTABLES)
 
 test-unit: deps-python

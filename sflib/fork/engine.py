@@ -14,20 +14,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from sflib.address import split_address
 from sflib.cluster.link import ClusterLink
 from sflib.errors import NotFoundError, SnowFlockError, SystemFailure, UsageError, WrongStateError
 from sflib.fork import freepages, layout, mechanics
 from sflib.fork.checkpoint import Checkpoint
 from sflib.fork.hosted import HostedClones
 from sflib.fork.mechanics import CloneOrder
+from sflib.fork.network import CloneNetworks
 from sflib.fork.remote import RemoteClones
 from sflib.fork.share import read_chunks
 from sflib.fork.tickets import Clone, CloneState, Ticket, TicketBook, TicketState
 from sflib.memory.service import MemoryService
-from sflib.net.identity import member_base
 from sflib.sfld.vms import VM, VMTable
-from sflib.vm.qemu import Nic
 from sflib.xenstore.wire import XenStoreError
 
 log = logging.getLogger(__name__)
@@ -60,6 +58,8 @@ class ForkEngine:
             self.hosted = HostedClones(vms, memory, cluster, vms.settings["qemu"],
                                        self.checkpoint_dir)  # fmt: skip
             cluster.on_dead = self._hosts_dead
+        self.network = (CloneNetworks(vms.network, self.book, cluster, self.here)
+                        if vms.network is not None else None)  # fmt: skip
         vms.on_end.append(self._vm_ended)
         self.bus.local.watch("/local/domain", b"sf-requests", self._on_event)
 
@@ -242,7 +242,7 @@ class ForkEngine:
         ticket.state = TicketState.CLONING
         started = time.perf_counter()
         ids = ticket.ids_by_host(self.here)
-        network = self._family_network(parent, ticket, ids)
+        network = self.network.plan(parent, ticket, ids) if self.network else None
         remote = None
         if self.remote is not None and set(ids) - {self.here}:
             remote = asyncio.create_task(self.remote.spawn(
@@ -262,14 +262,15 @@ class ForkEngine:
                           reply: dict[str, Any]) -> None:  # fmt: skip
         name = f"{ticket.id}-{k}"
         try:
-            nic = self._open_nic(parent, name, ticket.net_base + k)
+            nic = self.network.open(parent, name, ticket.net_base + k) if self.network else None
             order = CloneOrder(name, k, parent.machine.spec.name, await self._tap(ckpt, name),
                                nic)  # fmt: skip
             clone = await mechanics.restore_clone(self.vms, parent.machine.qemu, ckpt, order)
         except SnowFlockError as e:
             log.warning("clone %d of ticket %s did not start: %s", k, ticket.id, e)
             await self._untap(name)
-            await self._unplug(name)
+            if self.network is not None:
+                await self.network.unplug(name)
             ticket.clones[k] = _crashed(k, name)
             return
         ticket.clones[k] = _running(k, name)
@@ -279,7 +280,8 @@ class ForkEngine:
             self._stop_soon(name)
             return
         try:
-            await self._plug(name)
+            if self.network is not None:
+                await self.network.plug(name)
         except SnowFlockError as e:
             log.warning("clone %d of ticket %s has no network: %s", k, ticket.id, e)
             ticket.clones[k].state = CloneState.CRASHED
@@ -301,50 +303,13 @@ class ForkEngine:
         if self.memory is not None and name in self.tapped:
             await self.memory.detach(*self.tapped.pop(name), name)
 
-    # Family networks ------------------------------------------------------------
-
-    def _family_network(self, parent: VM, ticket: Ticket,
-                        ids: dict[str, list[int]]) -> dict[str, Any] | None:  # fmt: skip
-        """Where ticket's clones sit on the parent's family network (their member
-        numbers apart from the parent's other live tickets'), which hosts it spans
-        from now on; None if the parent has no card."""
-        net = self.vms.network
-        member = net.members.get(parent.machine.spec.name) if net else None
-        if net is None or member is None:
-            return None
-        taken = [range(t.net_base + 1, t.net_base + t.granted + 1)
-                 for t in self.book.of_owner(parent.machine.spec.name)
-                 if t is not ticket and t.state != TicketState.ENDED]  # fmt: skip
-        ticket.net_base = member_base(taken, ticket.granted)
-        peers = [split_address(ticket.addresses[h])[0] for h in ids if h in ticket.addresses]
-        net.connect(member.me.family, peers)
-        own = [net.underlay] if net.underlay else []
-        return {"family": member.me.family, "base": ticket.net_base, "peers": peers + own}
-
-    def _open_nic(self, parent: VM, name: str, member: int) -> Nic | None:
-        net = self.vms.network
-        mine = net.members.get(parent.machine.spec.name) if net else None
-        if net is None or mine is None:
-            return None
-        return net.open(name, mine.me.family, member).nic
-
-    async def _plug(self, name: str) -> None:
-        if self.vms.network is not None and name in self.vms.network.members:
-            await self.vms.network.join(name, parent_here=True)
-
-    async def _unplug(self, name: str) -> None:
-        if self.vms.network is not None:
-            await self.vms.network.leave(name)
-
     async def _op_link(self, vm: VM, request: layout.Request) -> Any:
         """A clone's hook took its identity: its card may talk now."""
-        if vm.machine.spec.nic is None:
-            raise WrongStateError(f"{vm.machine.spec.name} has no network card")
         up = request.args.get("up", True)
         if not isinstance(up, bool):
             raise UsageError("up must be true or false")
-        await vm.machine.set_link(up)
-        return {"link": "up" if up else "down"}
+        member = self.vms.network.members.get(vm.machine.spec.name) if self.vms.network else None
+        return await CloneNetworks.link(vm, member is not None and member.isolated, up)
 
     def _introduce(self, parent: VM, clone: VM, ticket: Ticket, k: int) -> None:
         """Tell a clone who it is, and give it its corner of the family's share."""
@@ -399,6 +364,8 @@ class ForkEngine:
         name = vm.machine.spec.name
         self.busy.discard(name)
         await self._untap(name)
+        if self.network is not None and vm.network is not None:
+            self.network.forget(vm.network)
         if self.hosted is not None and self.hosted.of(vm) is not None:
             await self.hosted.ended(vm)
         elif vm.clone_id is not None:
@@ -444,6 +411,10 @@ class ForkEngine:
             return await self.hosted.stop([str(n) for n in args.get("names", [])])
         if op == "clone.ended":
             self._check_finished(self.remote.ended(args))
+            return {}
+        if op == "net.connect":
+            if self.vms.network is not None:
+                self.vms.network.connect(int(args["family"]), [str(p) for p in args["peers"]])
             return {}
         if op == "share.put":
             self.remote.share(args, self._parent_domid(args))

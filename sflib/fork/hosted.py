@@ -142,7 +142,9 @@ class HostedClones:
         if self.vms.network is None:
             raise SystemFailure("the parent's VMs have network cards; this host gives none "
                                 "(network = none)")  # fmt: skip
-        return self.vms.network.open(name, int(network["family"]), int(network["base"]) + k).nic
+        member = int(network["base"]) + k
+        isolated = bool(network.get("isolated"))
+        return self.vms.network.open(name, int(network["family"]), member, isolated).nic
 
     def _introduce(self, clone: VM, hosted: HostedClone, family: str) -> None:
         domid = clone.machine.spec.domid

@@ -200,8 +200,8 @@ def host_rules(family: int, router_here: bool) -> str:
         return _table(family, [], forward, _closed(bridge))
     uplink = uplink_name(family)
     nat = [f'oifname != "{uplink}" ip saddr {uplink_net(family)} masquerade']
-    shut = _closed(bridge) + [f'iifname "{uplink}" ct state established,related accept',
-                              f'iifname "{uplink}" drop']  # fmt: skip
+    shut = [*_closed(bridge), f'iifname "{uplink}" ct state established,related accept',
+            f'iifname "{uplink}" drop']  # fmt: skip
     return _table(family, nat, forward + _guards(uplink), shut)
 
 

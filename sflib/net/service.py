@@ -42,6 +42,7 @@ class Member:
     me: Identity
     tap: str
     fd: int
+    isolated: bool = False  # a card on no network (sflib.fork.network: nested clones)
 
     @property
     def nic(self) -> Nic:
@@ -74,6 +75,7 @@ class FamilyNetworks:
         self.families: dict[int, FamilyHere] = {}
         self.members: dict[str, Member] = {}  # by VM name
         self.local_numbers: dict[int, str] = {}  # alone: the numbers this host gave
+        self._isolated = 0  # isolated taps made so far
 
     def recover(self) -> None:
         """Remove what a dead sfld left. Raises SystemFailure."""
@@ -119,11 +121,14 @@ class FamilyNetworks:
 
     # Members ---------------------------------------------------------------------------
 
-    def open(self, vm: str, family: int, clone_id: int) -> Member:
-        """A member's tap (not yet on the bridge) and identity. Raises SystemFailure."""
+    def open(self, vm: str, family: int, clone_id: int, isolated: bool = False) -> Member:
+        """A member's tap (not yet on the bridge) and identity; isolated, a tap that
+        never joins the network. Raises SystemFailure."""
         me = identity.identity(family, clone_id, self.central)
-        tap = fabric.tap_name(family, clone_id)
-        member = Member(vm, me, tap, open_tap(tap))
+        if isolated:
+            self._isolated += 1
+        tap = f"sfn{self._isolated}" if isolated else fabric.tap_name(family, clone_id)
+        member = Member(vm, me, tap, open_tap(tap), isolated)
         self.members[vm] = member
         return member
 
@@ -131,6 +136,8 @@ class FamilyNetworks:
         """Put vm's tap on its family's network here (making that network first if it
         is the family's first member here). Raises SystemFailure."""
         member = self.members[vm]
+        if member.isolated:
+            return
         family = await self._family(member.me.family, parent_here)
         try:
             self.connect(member.me.family, peers or [])
@@ -155,7 +162,7 @@ class FamilyNetworks:
             return
         os.close(member.fd)  # the tap disappears with the last holder (QEMU is gone)
         family = self.families.get(member.me.family)
-        if family is None:
+        if family is None or member.isolated:
             return
         if family.members.get(member.me.clone_id) is member:
             del family.members[member.me.clone_id]
@@ -167,7 +174,7 @@ class FamilyNetworks:
     def published(self, vm: str) -> dict[str, Any] | None:
         """What a VM is told of its network identity (XenStore, hooks), if it has one."""
         member = self.members.get(vm)
-        return None if member is None else member.me.to_json()
+        return None if member is None or member.isolated else member.me.to_json()
 
     async def close(self) -> None:
         for vm in list(self.members):
