@@ -113,6 +113,8 @@ def setting_option(setting: Setting) -> click.Option:
         else click.Path(path_type=str)
         if setting.type is Path
         else setting.type
+        if setting.type in (int, float, bool, str)
+        else str  # parsed by the setting, whose message names it
     )
     where = f"[TOML: {setting.key}; env: {setting.env}]"
     return click.Option([setting.option], type=kind, default=None, help=f"{setting.help} {where}")

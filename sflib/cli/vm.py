@@ -173,6 +173,17 @@ def memory(as_json: JsonOption = False) -> None:
 
 
 @app.command()
+def network(as_json: JsonOption = False) -> None:
+    """Show the family networks on this host: bridge, other hosts, members."""
+    info = _Context.client.call("network.status")
+    lines = [f"network: {info['network']}, router: {info['router']}"]
+    lines += [f"family {f['family']} on {f['bridge']}: members "
+              f"{' '.join(map(str, f['members'])) or '-'}; other hosts "
+              f"{' '.join(f['peers']) or '-'}" for f in info["families"]]  # fmt: skip
+    print_result(info, as_json, "\n".join(lines))
+
+
+@app.command()
 def status(as_json: JsonOption = False) -> None:
     """Show sfld's version, accelerator and VM count."""
     info = _Context.client.call("status")

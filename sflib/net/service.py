@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ from typing import Any
 
 from sflib import run
 from sflib.cluster.link import ClusterLink
-from sflib.errors import CommandFailed, SnowFlockError, SystemFailure
+from sflib.errors import CommandFailed, SnowFlockError, SystemFailure, UsageError
 from sflib.net import dhcp, fabric, identity, router
 from sflib.net.identity import Identity
 from sflib.net.tap import open_tap
@@ -68,6 +69,11 @@ class FamilyNetworks:
                                           settings["bandwidth"])  # fmt: skip
         # The underlay address: where the other hosts' VXLANs reach this one.
         self.underlay = cluster.listen[0] if cluster is not None else None
+        if self.underlay is not None and _unspecified(self.underlay):
+            raise UsageError(
+                f"family networks need this host's own address in peer_listen, not {self.underlay}",
+                hint='e.g. peer_listen = "10.1.0.5:7100", or network = "none"',
+            )
         self.dir = Path(settings["state_dir"]) / "net"
         # Named after the namespace sfld runs in, if it has a name (a test host): so
         # do its router namespaces, which several such hosts on a machine share.
@@ -258,3 +264,10 @@ def current_netns(folder: Path = Path("/run/netns")) -> str | None:
                 if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
                     return path.name
     return None
+
+
+def _unspecified(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_unspecified
+    except ValueError:  # a name: VXLAN needs an address
+        return True

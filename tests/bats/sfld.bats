@@ -162,3 +162,15 @@ start_sfld() {
     [[ "$stderr" == *"invalid address 'nonsense'"* ]]
     [ ! -e "$TMP/var/lib/snowflock-master" ]
 }
+
+@test "sfld's family networks: a bad port list or an unspecified underlay is a usage error (2)" {
+    run --separate-stderr sfld --accel tcg --inbound-ports 22,99999
+    [ "$status" -eq 2 ]
+    [[ "$stderr" == *"inbound_ports must be a list of ports from 1 to 65535"* ]]
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/secret"
+    run --separate-stderr sfld --accel tcg --master 127.0.0.1:1 --secret-file "$TMP/secret" \
+        --peer-listen 0.0.0.0:7100
+    [ "$status" -eq 2 ]
+    [[ "$stderr" == *"family networks need this host's own address in peer_listen"* ]]
+    [ ! -e "$TMP/run/snowflock/sfld.sock" ]
+}

@@ -100,8 +100,10 @@ class Host:
         return status
 
     def tool(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run bin/<argv[0]> against this host; check=True demands exit 0."""
-        out = subprocess.run([str(ROOT / "bin" / argv[0]), *argv[1:]], env=self.env,
+        """Run bin/<argv[0]> against this host, in its network namespace (where its
+        daemons listen on TCP too); check=True demands exit 0."""
+        enter = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
+        out = subprocess.run([*enter, str(ROOT / "bin" / argv[0]), *argv[1:]], env=self.env,
                              capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
         if check:
             assert out.returncode == 0, f"{argv} exited {out.returncode}: {out.stderr}"

@@ -105,6 +105,8 @@ def test_clones_take_their_ids_identity_before_they_talk(host: Host) -> None:
         # went out through its tap.
         assert mac(1, 0) not in learned_on(host, fabric.tap_name(1, k))
         assert mac(1, k) in learned_on(host, fabric.tap_name(1, k))
+    (family,) = host.vm_json("network")["families"]
+    assert (family["family"], family["bridge"], family["members"]) == (1, "sfb1", [0, 1, 2])
     for domid in clone_domains(host).values():
         host.xenstore("xenstore-write", f"/local/domain/{domid}/go", "1")
     host.tool("sf-vm", "stop", "fam")
