@@ -14,7 +14,7 @@ PY            := $(VENV)/bin/python
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc binutils make pandoc bats shellcheck \
                    xenstore-utils valgrind qemu-system-x86 busybox-static zstd cpio \
                    libfuse3-dev fuse3 pkg-config iproute2 procps iputils-ping nftables \
-                   dnsmasq-base iperf3
+                   dnsmasq-base iperf3 munge slurmctld slurmd slurm-client
 MAN_SOURCES   := $(wildcard man/*.md)
 MAN_PAGES     := $(patsubst man/%.md,build/man/%,$(MAN_SOURCES))
 EXECUTABLES   := $(notdir $(wildcard bin/*))
