@@ -268,5 +268,17 @@ MASTER_SETTINGS: tuple[Setting, ...] = (
     Setting("heartbeat", float, lambda p: 1.0, "Seconds between a host's heartbeats."),
     Setting("host_timeout", float, lambda p: 5.0,
             "A host silent this long is dead: its slots and its clones are lost."),
+    Setting("allocator", str, lambda p: "embedded",
+            "Who grants tickets: the embedded allocator (hosts' slots), or Slurm.",
+            ("embedded", "slurm")),
+    Setting("max_family_clones", int, lambda p: 0,
+            "Most clones one parent holds across its live tickets (0: no limit).",
+            positive=False),
+    Setting("slurm_partition", str, lambda p: "",
+            "The Slurm partition of ticket jobs (empty: Slurm's default)."),
+    Setting("slurm_account", str, lambda p: "",
+            "The Slurm account ticket jobs are charged to (empty: the user's default)."),
+    Setting("slurm_nodes", str, lambda p: "",
+            "NODE=HOST,... for Slurm nodes not named after their sfld host."),
 )
 # fmt: on

@@ -13,6 +13,7 @@ from typing import Any
 
 from sflib.address import split_address
 from sflib.cli.app import daemon_command, main, notify_ready
+from sflib.cluster import grants
 from sflib.cluster.master import Master, open_registry
 from sflib.cluster.wire import read_secret
 from sflib.settings import MASTER_SETTINGS
@@ -23,8 +24,9 @@ PROGRAM = "sfmasterd"
 def _run(settings: dict[str, Any], ready_fd: int | None) -> None:
     split_address(settings["listen"])  # before anything is made on disk
     secret = read_secret(Path(settings["secret_file"]))
+    allocator = grants.make(settings)  # a bad slurm_nodes is refused before anything
     master = Master(open_registry(Path(settings["state_dir"])), settings["heartbeat"],
-                    settings["host_timeout"])  # fmt: skip
+                    settings["host_timeout"], allocator)  # fmt: skip
     asyncio.run(_serve(master, settings["listen"], secret, ready_fd))
 
 

@@ -35,6 +35,8 @@ class ClusterLink:
         self.address = ""
         self.heartbeat = RETRY
         self.on_dead: Callable[[list[str]], Awaitable[None]] | None = None
+        # Tickets whose allocation ended outside SnowFlock (a Slurm job cancelled).
+        self.on_revoked: Callable[[list[str]], Awaitable[None]] | None = None
         self.dead: set[str] = set()
         self._server: asyncio.Server | None = None
         self._beating: asyncio.Task[None] | None = None
@@ -71,6 +73,10 @@ class ClusterLink:
                     log.info("cluster: the master answers again")
                 failing = False
                 await self._note_dead(set(reply.get("dead", [])))
+                revoked = [str(t) for t in reply.get("revoked", [])]
+                if revoked and self.on_revoked is not None:
+                    log.warning("cluster: the master revoked tickets %s", ", ".join(revoked))
+                    await self.on_revoked(revoked)
             except NotFoundError:
                 log.warning("cluster: the master forgot this host; registering again")
                 self.registered = False

@@ -4,10 +4,11 @@ granted across them by the embedded allocator (DESIGN §1, §5).
 Calls (over sflib.cluster.wire, from sflds):
     register {host, address, slots, families: {number: vm}}
                                            -> {heartbeat, host_timeout}
-    heartbeat {host}                       -> {dead: [host, ...]}   (NotFoundError:
-                                              register again)
-    ticket.request {host, vm, n}           -> {ticket, requested, granted,
+    heartbeat {host}                       -> {dead: [host, ...], revoked: [ticket, ...]}
+                                              (NotFoundError: register again)
+    ticket.request {host, vm, n}           -> {ticket, requested, granted, job,
                                               placement: {host: n}, addresses: {host: addr}}
+                                              (granted by the allocator: sflib.cluster.grants)
     ticket.release {ticket}                -> {ticket, released}
     family.allocate {host, vm}             -> {family}  (a number for a parent's network,
                                               unique in the cluster)
@@ -34,18 +35,22 @@ from typing import Any
 from sflib import __version__
 from sflib.address import split_address
 from sflib.cluster import allocator, wire
+from sflib.cluster.grants import Allocator, EmbeddedAllocator
 from sflib.cluster.registry import Registry, TicketRecord
-from sflib.errors import NotFoundError, UsageError
+from sflib.errors import NotFoundError, SnowFlockError, UsageError
 from sflib.net import identity
 
 log = logging.getLogger(__name__)
 
 
 class Master:
-    def __init__(self, registry: Registry, heartbeat: float, host_timeout: float) -> None:
+    def __init__(self, registry: Registry, heartbeat: float, host_timeout: float,
+                 grants: Allocator | None = None) -> None:  # fmt: skip
         self.registry = registry
         self.heartbeat = heartbeat
         self.host_timeout = host_timeout
+        self.grants = grants or EmbeddedAllocator()
+        self.revoked: dict[str, list[str]] = {}  # host: its tickets the allocator ended
 
     async def run(self, listen: str, secret: bytes, stopping: asyncio.Event,
                   on_ready: Any = None) -> None:  # fmt: skip
@@ -72,22 +77,55 @@ class Master:
 
     async def _watch_hosts(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
-            self.check_hosts(time.time())
+            for ticket in self.check_hosts(time.time()):
+                await self._release_job(ticket)
+            await self.check_jobs()
             await asyncio.sleep(min(self.heartbeat, self.host_timeout / 4))
 
-    def check_hosts(self, now: float) -> list[str]:
-        """Declare dead the hosts not heard for host_timeout; returns them."""
+    async def check_jobs(self) -> list[str]:
+        """End the live tickets whose allocation ended outside (a Slurm job cancelled
+        or preempted); their owners learn it in their next heartbeat. Returns them."""
+        revoked: list[str] = []
+        for ticket in self.registry.tickets(live_only=True):
+            if ticket.job is None:
+                continue
+            try:
+                how = await self.grants.ended(ticket.job)
+            except SnowFlockError as e:
+                log.warning("cannot ask %s about ticket %s: %s", self.grants.name, ticket.id, e)
+                return revoked
+            if how is not None and self.registry.end_ticket(ticket.id):
+                log.warning("ticket %s revoked: its %s job %s was %s", ticket.id,
+                            self.grants.name, ticket.job, how)  # fmt: skip
+                self.revoked.setdefault(ticket.owner_host, []).append(ticket.id)
+                revoked.append(ticket.id)
+        return revoked
+
+    async def _release_job(self, ticket: TicketRecord | None) -> None:
+        if ticket is None or ticket.job is None:
+            return
+        try:
+            await self.grants.release(ticket.job)
+        except SnowFlockError as e:
+            log.warning("ticket %s: %s job %s not released: %s", ticket.id, self.grants.name,
+                        ticket.job, e)  # fmt: skip
+
+    def check_hosts(self, now: float) -> list[TicketRecord]:
+        """Declare dead the hosts not heard for host_timeout; returns the tickets
+        that ended with them (their allocations are to be released)."""
         dead = [h.name for h in self.registry.hosts()
                 if h.alive and now - h.last_seen > self.host_timeout]  # fmt: skip
+        gone = []
         for name in dead:
             self.registry.declare_dead(name)
             ended = [t.id for t in self.registry.tickets(live_only=True) if t.owner_host == name]
             for ticket_id in ended:
                 self.registry.end_ticket(ticket_id)
+                gone.append(self.registry.ticket(ticket_id))
             self.registry.drop_families(name)
             log.warning("host %s silent for %g s: dead; its tickets ended: %s", name,
                         self.host_timeout, ", ".join(ended) or "none")  # fmt: skip
-        return dead
+        return [t for t in gone if t is not None]
 
     # Calls ---------------------------------------------------------------------
 
@@ -95,7 +133,8 @@ class Master:
         handler = _HANDLERS.get(op)
         if handler is None:
             raise UsageError(f"unknown request {op!r}")
-        return handler(self, args)
+        result = handler(self, args)
+        return await result if asyncio.iscoroutine(result) else result
 
     def register(self, args: dict[str, Any]) -> Any:
         name, address = _str(args, "host"), _str(args, "address")
@@ -112,28 +151,38 @@ class Master:
         name = _str(args, "host")
         if not self.registry.seen(name):
             raise NotFoundError(f"host {name} is not registered (or was declared dead)")
-        return {"dead": [h.name for h in self.registry.hosts() if not h.alive]}
+        return {"dead": [h.name for h in self.registry.hosts() if not h.alive],
+                "revoked": self.revoked.pop(name, [])}  # fmt: skip
 
-    def request_ticket(self, args: dict[str, Any]) -> Any:
+    async def request_ticket(self, args: dict[str, Any]) -> Any:
         owner, vm, n = _str(args, "host"), _str(args, "vm"), _int(args, "n", low=-(2**31))
+        if not 1 <= n <= allocator.MAX_REQUEST:
+            raise UsageError(f"cannot ask for {n} clones",
+                             hint=f"ask for 1 to {allocator.MAX_REQUEST}")  # fmt: skip
         hosts = {h.name: h for h in self.registry.hosts() if h.alive}
         if owner not in hosts:
             raise NotFoundError(f"host {owner} is not registered (or was declared dead)")
         capacity = {name: h.slots for name, h in hosts.items()}
         free = allocator.free_slots(capacity, self.registry.reserved())
-        placement = allocator.place(n, free, owner)
-        ticket = TicketRecord(f"m{secrets.token_hex(4)}", owner, vm, n, placement, time.time())
+        holds = sum(t.granted for t in self.registry.tickets(live_only=True)
+                    if (t.owner_host, t.owner_vm) == (owner, vm))  # fmt: skip
+        grant = await self.grants.grant(owner, vm, n, free, holds)
+        ticket = TicketRecord(f"m{secrets.token_hex(4)}", owner, vm, n, grant.placement,
+                              time.time(), job=grant.job)  # fmt: skip
         self.registry.add_ticket(ticket)
-        log.info("ticket %s for %s on %s: %d of %d clones on %s", ticket.id, vm, owner,
-                 ticket.granted, n, placement)  # fmt: skip
-        return {**ticket.to_json(), "addresses": {h: hosts[h].address for h in placement}}
+        log.info("ticket %s for %s on %s: %d of %d clones on %s%s", ticket.id, vm, owner,
+                 ticket.granted, n, grant.placement,
+                 f" ({self.grants.name} job {grant.job})" if grant.job else "")  # fmt: skip
+        return {**ticket.to_json(), "addresses": {h: hosts[h].address for h in grant.placement}}
 
-    def release_ticket(self, args: dict[str, Any]) -> Any:
+    async def release_ticket(self, args: dict[str, Any]) -> Any:
         ticket_id = _str(args, "ticket")
-        if self.registry.ticket(ticket_id) is None:
+        ticket = self.registry.ticket(ticket_id)
+        if ticket is None:
             raise NotFoundError(f"no such ticket: {ticket_id}")
         released = self.registry.end_ticket(ticket_id)
         if released:
+            await self._release_job(ticket)
             log.info("ticket %s released", ticket_id)
         return {"ticket": ticket_id, "released": released}
 

@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS tickets (
     requested INTEGER NOT NULL,
     placement TEXT NOT NULL,    -- JSON {host: clones}
     created REAL NOT NULL,
-    ended REAL                  -- NULL while the ticket holds its slots
+    ended REAL,                 -- NULL while the ticket holds its slots
+    job TEXT                    -- the allocator's job behind it (Slurm's id), if any
 );
 CREATE TABLE IF NOT EXISTS families (
     number INTEGER PRIMARY KEY, -- the family network (sflib.net.identity)
@@ -59,6 +60,7 @@ class TicketRecord:
     placement: dict[str, int]
     created: float
     ended: float | None = None
+    job: str | None = None
 
     @property
     def granted(self) -> int:
@@ -68,7 +70,7 @@ class TicketRecord:
         return {"ticket": self.id, "owner_host": self.owner_host, "owner_vm": self.owner_vm,
                 "requested": self.requested, "granted": self.granted,
                 "placement": self.placement, "created": self.created,
-                "ended": self.ended}  # fmt: skip
+                "ended": self.ended, "job": self.job}  # fmt: skip
 
 
 class Registry:
@@ -77,6 +79,9 @@ class Registry:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(path, isolation_level=None)  # autocommit: each call
             self.db.executescript(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(tickets)")}
+            if "job" not in columns:  # a database from before Slurm
+                self.db.execute("ALTER TABLE tickets ADD COLUMN job TEXT")
         except (OSError, sqlite3.Error) as e:
             raise SystemFailure(f"cannot open the master's database {path}: {e}") from e
 
@@ -113,9 +118,9 @@ class Registry:
     # Tickets ---------------------------------------------------------------------
 
     def add_ticket(self, ticket: TicketRecord) -> None:
-        self.db.execute("INSERT INTO tickets VALUES (?, ?, ?, ?, ?, ?, NULL)",
+        self.db.execute("INSERT INTO tickets VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
                         (ticket.id, ticket.owner_host, ticket.owner_vm, ticket.requested,
-                         json.dumps(ticket.placement), ticket.created))  # fmt: skip
+                         json.dumps(ticket.placement), ticket.created, ticket.job))  # fmt: skip
 
     def end_ticket(self, ticket_id: str) -> bool:
         """End a live ticket; False if it was unknown or had ended already."""
@@ -124,11 +129,13 @@ class Registry:
         return cur.rowcount == 1
 
     def tickets(self, live_only: bool = False) -> list[TicketRecord]:
-        query = "SELECT id, owner_host, owner_vm, requested, placement, created, ended FROM tickets"
+        query = ("SELECT id, owner_host, owner_vm, requested, placement, created, ended, job "
+                 "FROM tickets")  # fmt: skip
         if live_only:
             query += " WHERE ended IS NULL"
         rows = self.db.execute(query + " ORDER BY created").fetchall()
-        return [TicketRecord(i, h, v, r, json.loads(p), c, e) for i, h, v, r, p, c, e in rows]
+        return [TicketRecord(i, h, v, r, json.loads(p), c, e, j)
+                for i, h, v, r, p, c, e, j in rows]  # fmt: skip
 
     def ticket(self, ticket_id: str) -> TicketRecord | None:
         return next((t for t in self.tickets() if t.id == ticket_id), None)

@@ -58,6 +58,7 @@ class ForkEngine:
             self.hosted = HostedClones(vms, memory, cluster, vms.settings["qemu"],
                                        self.checkpoint_dir)  # fmt: skip
             cluster.on_dead = self._hosts_dead
+            cluster.on_revoked = self._tickets_revoked
         self.network = (CloneNetworks(vms.network, self.book, cluster, self.here)
                         if vms.network is not None else None)  # fmt: skip
         vms.on_end.append(self._vm_ended)
@@ -430,6 +431,22 @@ class ForkEngine:
 
     def _reply_result(self, domid: int, rid: str, result: Any) -> None:
         self._reply(domid, rid, layout.encode_result(result))
+
+    async def _tickets_revoked(self, ids: list[str]) -> None:
+        """The master ended these tickets (their Slurm job was cancelled or preempted):
+        their clones are killed, and sf-join reports them so."""
+        for ticket in [self.book.tickets[i] for i in ids if i in self.book.tickets]:
+            if ticket.state == TicketState.ENDED:
+                continue
+            running = [c for c in ticket.clones.values() if c.state == CloneState.RUNNING]
+            for clone in running:
+                clone.state = CloneState.KILLED
+            ticket.revoked = True
+            await asyncio.gather(*(self._stop_vm(c.vm) for c in running if c.host is None),
+                                 self._stop_remote(ticket, running))  # fmt: skip
+            if ticket.state == TicketState.GRANTED:  # no clones yet: none will come
+                ticket.state = TicketState.ACTIVE
+            self._check_finished(ticket)
 
     async def _hosts_dead(self, hosts: list[str]) -> None:
         if self.remote is not None:

@@ -57,6 +57,7 @@ class Ticket:
     placement: dict[str, int] = field(default_factory=dict)  # host: clones; {}: all here
     addresses: dict[str, str] = field(default_factory=dict)  # host: its sfld's address
     net_base: int = 0  # clone k is member net_base + k of its family's network
+    revoked: bool = False  # its allocation ended outside (a Slurm job cancelled)
 
     @property
     def finished(self) -> bool:
@@ -66,6 +67,7 @@ class Ticket:
     def to_json(self) -> dict[str, object]:
         return {"ticket": self.id, "owner": self.owner, "requested": self.requested,
                 "granted": self.granted, "state": str(self.state), "pause_ms": self.pause_ms,
+                "revoked": self.revoked,
                 "placement": self.placement,
                 "clones": {str(k): c.to_json() for k, c in self.clones.items()}}  # fmt: skip
 
@@ -118,6 +120,8 @@ class TicketBook:
 
     def usable(self, ticket_id: str, owner: str) -> Ticket:
         ticket = self.get(ticket_id, owner)
+        if ticket.revoked:
+            raise WrongStateError(f"ticket {ticket_id} was revoked by the cluster's allocator")
         if ticket.state != TicketState.GRANTED:
             raise WrongStateError(f"ticket {ticket_id} was already used ({ticket.state})")
         return ticket

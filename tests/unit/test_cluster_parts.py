@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from sflib.cluster import allocator, wire
+from sflib.cluster.grants import EmbeddedAllocator, parse_node_map, placement_of
 from sflib.cluster.master import Master
 from sflib.cluster.registry import Registry
-from sflib.errors import AuthError, NotFoundError, UsageError, WrongStateError
+from sflib.errors import AuthError, NotFoundError, SystemFailure, UsageError, WrongStateError
 from sflib.fork import layout
 from sflib.fork.tickets import Ticket
 from sflib.paths import Paths
@@ -91,34 +92,37 @@ def test_registry_keeps_hosts_and_tickets_across_restarts(tmp_path: Path) -> Non
     master = Master(Registry(db), heartbeat=1, host_timeout=5)
     master.register({"host": "a", "address": "10.0.0.1:1", "slots": 2})
     master.register({"host": "b", "address": "10.0.0.2:1", "slots": 2})
-    granted = master.request_ticket({"host": "a", "vm": "web", "n": 3})
+    granted = asyncio.run(master.request_ticket({"host": "a", "vm": "web", "n": 3}))
     assert granted["placement"] == {"b": 2, "a": 1}
     assert granted["addresses"] == {"b": "10.0.0.2:1", "a": "10.0.0.1:1"}
     master.registry.close()
     again = Master(Registry(db), heartbeat=1, host_timeout=5)  # a restarted master
     assert again.registry.reserved() == {"b": 2, "a": 1}
-    second = again.request_ticket({"host": "a", "vm": "web", "n": 5})
+    second = asyncio.run(again.request_ticket({"host": "a", "vm": "web", "n": 5}))
     assert second["granted"] == 1  # what was left
-    assert again.release_ticket({"ticket": granted["ticket"]})["released"] is True
-    assert again.release_ticket({"ticket": granted["ticket"]})["released"] is False
+    assert asyncio.run(again.release_ticket({"ticket": granted["ticket"]}))["released"] is True
+    assert asyncio.run(again.release_ticket({"ticket": granted["ticket"]}))["released"] is False
     with pytest.raises(NotFoundError):
-        again.release_ticket({"ticket": "nope"})
+        asyncio.run(again.release_ticket({"ticket": "nope"}))
 
 
 def test_silent_hosts_die_with_their_slots_and_their_tickets(tmp_path: Path) -> None:
     master = Master(Registry(tmp_path / "m.db"), heartbeat=1, host_timeout=5)
     for name in ("a", "b"):
         master.register({"host": name, "address": f"{name}:1", "slots": 4})
-    owned_by_b = master.request_ticket({"host": "b", "vm": "x", "n": 2})
+    owned_by_b = asyncio.run(master.request_ticket({"host": "b", "vm": "x", "n": 2}))
     assert master.check_hosts(time.time()) == []
     master.heartbeat_call({"host": "a"})
-    assert master.check_hosts(time.time() + 6) == ["a", "b"]
+    ended = master.check_hosts(time.time() + 6)  # both silent: dead
+    assert [t.id for t in ended] == [owned_by_b["ticket"]]
     master.register({"host": "a", "address": "a:1", "slots": 4})  # a comes back
-    assert master.heartbeat_call({"host": "a"}) == {"dead": ["b"]}
+    assert master.heartbeat_call({"host": "a"}) == {"dead": ["b"], "revoked": []}
     with pytest.raises(NotFoundError):
         master.heartbeat_call({"host": "b"})  # b must register again
     assert master.registry.ticket(owned_by_b["ticket"]).ended is not None  # type: ignore[union-attr]
-    assert master.request_ticket({"host": "a", "vm": "y", "n": 8})["placement"] == {"a": 4}
+    assert asyncio.run(master.request_ticket({"host": "a", "vm": "y", "n": 8}))["placement"] == {
+        "a": 4
+    }
 
 
 def test_master_refuses_bad_calls(tmp_path: Path) -> None:
@@ -128,7 +132,7 @@ def test_master_refuses_bad_calls(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         master.register({"host": "a", "address": "x", "slots": "many"})
     with pytest.raises(NotFoundError):
-        master.request_ticket({"host": "ghost", "vm": "v", "n": 1})
+        asyncio.run(master.request_ticket({"host": "ghost", "vm": "v", "n": 1}))
 
 
 def test_master_settings_have_their_own_table(tmp_path: Path) -> None:
@@ -140,3 +144,23 @@ def test_master_settings_have_their_own_table(tmp_path: Path) -> None:
     conf.write_text("[sfld]\nmemory = 1\n")
     with pytest.raises(UsageError, match="unknown"):
         resolve(MASTER_SETTINGS, Paths(tmp_path), conf, {}, {}, table="sfmasterd")
+
+
+def test_the_embedded_allocator_caps_a_familys_clones(tmp_path: Path) -> None:
+    master = Master(Registry(tmp_path / "m.db"), heartbeat=1, host_timeout=5,
+                    grants=EmbeddedAllocator(max_family_clones=3))  # fmt: skip
+    master.register({"host": "a", "address": "a:1", "slots": 8})
+    assert asyncio.run(master.request_ticket({"host": "a", "vm": "web", "n": 2}))["granted"] == 2
+    assert asyncio.run(master.request_ticket({"host": "a", "vm": "web", "n": 2}))["granted"] == 1
+    with pytest.raises(WrongStateError, match="max_family_clones"):
+        asyncio.run(master.request_ticket({"host": "a", "vm": "web", "n": 1}))
+    assert asyncio.run(master.request_ticket({"host": "a", "vm": "db", "n": 2}))["granted"] == 2
+
+
+def test_slurm_nodes_map_to_hosts() -> None:
+    assert parse_node_map("n1=a, n2=a,n3=b") == {"n1": "a", "n2": "a", "n3": "b"}
+    assert placement_of(["n1", "n2", "b"], {"n1": "a", "n2": "a"}, {"a", "b"}) == {"a": 2, "b": 1}
+    with pytest.raises(UsageError):
+        parse_node_map("n1")
+    with pytest.raises(SystemFailure, match="n9 is no live SnowFlock host"):
+        placement_of(["n9"], {}, {"a"})
