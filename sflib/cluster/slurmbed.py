@@ -153,6 +153,12 @@ class SlurmBed:
     port: int  # slurmctld's
     munge_dir: Path
     daemons: dict[str, BedDaemon] = field(default_factory=dict)
+    netns: str | None = None  # the network namespace it runs in (None: ours)
+
+    def command(self, *argv: str) -> list[str]:
+        """argv as run where the bed runs (a Slurm client must reach 127.0.0.1 there)."""
+        enter = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
+        return [*enter, *argv]
 
     @property
     def conf(self) -> Path:
@@ -169,7 +175,8 @@ class SlurmBed:
 
     @classmethod
     @contextlib.contextmanager
-    def create(cls, workdir: Path, nodes: int = 4) -> Iterator[SlurmBed]:
+    def create(cls, workdir: Path, nodes: int = 4,
+               netns: str | None = None) -> Iterator[SlurmBed]:  # fmt: skip
         """Start munged, slurmctld and the nodes' slurmd under workdir/slurm, and wait
         until every node is idle; on leaving, stop them and remove the files (kept,
         with the logs, if the body raised). Raises SystemFailure, OperationTimeout."""
@@ -180,7 +187,7 @@ class SlurmBed:
             raise SystemFailure(f"cannot make the Slurm bed's folder {root}: {e}") from e
         try:
             bed = cls(root, [f"n{k}" for k in range(1, nodes + 1)], _free_ports(nodes + 1),
-                      _munge_dir(root))  # fmt: skip
+                      _munge_dir(root), netns=netns)  # fmt: skip
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
@@ -222,7 +229,7 @@ class SlurmBed:
         self._daemon(f"slurmd-{node}", ["slurmd", "-D", "-N", node])
 
     def _daemon(self, name: str, argv: list[str]) -> BedDaemon:
-        daemon = BedDaemon(name, argv, self.root / "log" / f"{name}.log")
+        daemon = BedDaemon(name, self.command(*argv), self.root / "log" / f"{name}.log")
         self.daemons[name] = daemon
         daemon.start(self.env)
         return daemon
@@ -234,9 +241,15 @@ class SlurmBed:
         if "slurmctld" in self.daemons:
             return
         daemon = self._daemon("slurmctld", ["slurmctld", "-D"])
-        self._until(lambda: _accepts(self.port), "slurmctld", daemon)
+        self._until(self._controller_answers, "slurmctld", daemon)
         if wait_nodes:
             self.wait_nodes({"idle", "allocated", "mixed", "completing"})
+
+    def _controller_answers(self) -> bool:
+        if self.netns is None:
+            return _accepts(self.port)
+        return run.run(self.command("scontrol", "ping"), env=self.env, timeout=10,
+                       check=False).stdout.find("UP") >= 0  # fmt: skip
 
     def stop_controller(self) -> None:
         """Stop slurmctld (a fault test): the nodes and munged go on."""
@@ -246,12 +259,13 @@ class SlurmBed:
 
     def cancel(self, job_id: int) -> None:
         """Cancel a job from outside, as an administrator would. Raises SnowFlockError."""
-        run.run(["scancel", str(job_id)], env=self.env, timeout=30)
+        run.run(self.command("scancel", str(job_id)), env=self.env, timeout=30)
 
     def node_states(self) -> dict[str, str]:
         """{node: sinfo's state word}, e.g. "idle", "allocated", "idle*" (the "*":
         not responding). Raises SnowFlockError."""
-        shown = run.run(["sinfo", "--noheader", "--Node", "--format=%N %T"], env=self.env,
+        shown = run.run(self.command("sinfo", "--noheader", "--Node", "--format=%N %T"),
+                        env=self.env,
                         timeout=30)  # fmt: skip
         return dict(line.split(None, 1) for line in shown.stdout.splitlines() if line.strip())
 
@@ -302,14 +316,15 @@ class SlurmBed:
             if not self._live_jobs():
                 return
             user = pwd.getpwuid(os.getuid()).pw_name
-            run.run(["scancel", f"--user={user}"], env=self.env, timeout=10)
+            run.run(self.command("scancel", f"--user={user}"), env=self.env, timeout=10)
             self._until(lambda: not self._live_jobs(), "the jobs to end", timeout=10)
         except SnowFlockError as e:
             log.warning("cannot end the Slurm bed's jobs: %s", e)
 
     def _live_jobs(self) -> list[str]:
         """The ids of the jobs not ended yet (squeue's default states)."""
-        shown = run.run(["squeue", "--noheader", "--format=%i"], env=self.env, timeout=10)
+        shown = run.run(self.command("squeue", "--noheader", "--format=%i"), env=self.env,
+                        timeout=10)  # fmt: skip
         return shown.stdout.split()
 
 
