@@ -51,6 +51,7 @@ class Master:
         self.host_timeout = host_timeout
         self.grants = grants or EmbeddedAllocator()
         self.revoked: dict[str, list[str]] = {}  # host: its tickets the allocator ended
+        self._jobs_unknown = False  # the allocator did not answer last time
 
     async def run(self, listen: str, secret: bytes, stopping: asyncio.Event,
                   on_ready: Any = None) -> None:  # fmt: skip
@@ -92,8 +93,12 @@ class Master:
             try:
                 how = await self.grants.ended(ticket.job)
             except SnowFlockError as e:
-                log.warning("cannot ask %s about ticket %s: %s", self.grants.name, ticket.id, e)
+                if not self._jobs_unknown:  # once, not every second while it lasts
+                    log.warning("cannot ask %s about ticket %s: %s", self.grants.name,
+                                ticket.id, e)  # fmt: skip
+                self._jobs_unknown = True
                 return revoked
+            self._jobs_unknown = False
             if how is not None and self.registry.end_ticket(ticket.id):
                 log.warning("ticket %s revoked: its %s job %s was %s", ticket.id,
                             self.grants.name, ticket.job, how)  # fmt: skip
