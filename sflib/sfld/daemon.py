@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -26,10 +27,12 @@ from sflib.net.service import FamilyNetworks
 from sflib.sfld import control
 from sflib.sfld.vms import VMRequest, VMTable
 from sflib.vm.accel import Accel, AccelChoice, choose
-from sflib.vm.qemu import qemu_argv, show
+from sflib.vm.qemu import Nic, qemu_argv, show
 from sflib.xenstore.server import XenStoreServer
 
 log = logging.getLogger(__name__)
+
+TAP_FD_SHOWN = 3  # --show-command: QEMU gets the tap as an inherited descriptor
 
 
 class Daemon:
@@ -142,6 +145,9 @@ class Daemon:
             return vms.get(_name(args)).info()
         if op == "vm.command":
             spec, files, _ = vms.plan(VMRequest.from_args(args))
+            if vms.network is not None:  # the card it would get; the fd is sfld's to open
+                nic = Nic("sftF-0", TAP_FD_SHOWN, "02:53:46:FF:F0:00")
+                spec = dataclasses.replace(spec, nic=nic)
             return show(qemu_argv(self.settings["qemu"], spec, files))
         if op == "vm.run":
             return (await vms.run(VMRequest.from_args(args))).info()

@@ -123,6 +123,7 @@ start_sfld() {
     [[ "$output" == qemu-system-x86_64* ]]
     [[ "$output" == *"share=on"* ]]
     [[ "$output" == *"name=org.snowflock.xenbus"* ]]
+    [[ "$output" == *"-netdev tap,id=net0,fd=3"*"virtio-net-pci"* ]]  # its family card
     run sf-vm ls --json
     [ "$output" = "[]" ]
 }
