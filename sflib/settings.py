@@ -274,6 +274,9 @@ MASTER_SETTINGS: tuple[Setting, ...] = (
     Setting("max_family_clones", int, lambda p: 0,
             "Most clones one parent holds across its live tickets (0: no limit).",
             positive=False),
+    Setting("max_host_clones", int, lambda p: 0,
+            "Most clones the parents of one host hold across their live tickets "
+            "(0: no limit).", positive=False),
     Setting("slurm_partition", str, lambda p: "",
             "The Slurm partition of ticket jobs (empty: Slurm's default)."),
     Setting("slurm_account", str, lambda p: "",

@@ -3,8 +3,9 @@
 Two, chosen by the master's allocator setting:
 
 - embedded (the default, no external service): sflib.cluster.allocator places the
-  clones over the hosts' free slots; the config's max_family_clones caps the clones
-  one parent (a family) holds across its live tickets.
+  clones over the hosts' free slots; the config's max_family_clones and
+  max_host_clones cap the clones one parent (a family), and the parents of one
+  host, hold across their live tickets (Quota; with Slurm too).
 - slurm: a ticket is a Slurm job (sflib.cluster.slurm), granted m <= n nodes by
   Slurm's own partitions, limits and accounts; each node is an sfld host (by name,
   or through slurm_nodes). The master polls the jobs of live tickets: a job that
@@ -34,11 +35,39 @@ class Grant:
     job: str | None = None  # the external allocation behind it, if any
 
 
+@dataclass(frozen=True)
+class Holdings:
+    """What the asking parent's family, and the parents of its host, hold now."""
+
+    family: int = 0
+    host: int = 0
+
+
+@dataclass(frozen=True)
+class Quota:
+    """The embedded policy: clones a family, and the parents of one host, may hold
+    across their live tickets (0: no limit). SnowFlock has no users of its own
+    (sfld's socket is root's): the owners it knows are parents and their hosts."""
+
+    family: int = 0
+    host: int = 0
+
+    def cap(self, n: int, holds: Holdings) -> int:
+        """n, or less to stay within the limits. Raises WrongStateError at a limit."""
+        for limit, held, what, key in (
+            (self.family, holds.family, "family", "max_family"),
+            (self.host, holds.host, "host's parents", "max_host"),
+        ):
+            left = quota_left(limit, held, what, f"{key}_clones")
+            n = min(n, left) if left is not None else n
+        return n
+
+
 class Allocator(Protocol):
     name: str
 
     async def grant(self, owner: str, vm: str, n: int, free: dict[str, int],
-                    family_holds: int) -> Grant: ...  # fmt: skip
+                    holds: Holdings) -> Grant: ...  # fmt: skip
 
     async def release(self, job: str) -> None: ...
 
@@ -46,26 +75,26 @@ class Allocator(Protocol):
         """None while the allocation lives; else how it ended."""
 
 
-def quota_left(limit: int, holds: int) -> int | None:
-    """How many more clones a family may hold (None: no limit). Raises WrongStateError."""
+def quota_left(limit: int, holds: int, who: str = "family",
+               setting: str = "max_family_clones") -> int | None:  # fmt: skip
+    """How many more clones who may hold (None: no limit). Raises WrongStateError."""
     if limit <= 0:
         return None
     if holds >= limit:
-        raise WrongStateError(f"the family already holds {holds} clones (max_family_clones "
-                              f"{limit})", hint="join or kill a ticket first")  # fmt: skip
+        raise WrongStateError(f"the {who} already hold {holds} clones ({setting} {limit})",
+                              hint="join or kill a ticket first")  # fmt: skip
     return limit - holds
 
 
 class EmbeddedAllocator:
     name = "embedded"
 
-    def __init__(self, max_family_clones: int = 0) -> None:
-        self.max_family_clones = max_family_clones
+    def __init__(self, quota: Quota | None = None) -> None:
+        self.quota = quota or Quota()
 
     async def grant(self, owner: str, vm: str, n: int, free: dict[str, int],
-                    family_holds: int) -> Grant:  # fmt: skip
-        left = quota_left(self.max_family_clones, family_holds)
-        return Grant(allocator.place(min(n, left) if left else n, free, owner))
+                    holds: Holdings) -> Grant:  # fmt: skip
+        return Grant(allocator.place(self.quota.cap(n, holds), free, owner))
 
     async def release(self, job: str) -> None:
         return None
@@ -105,12 +134,11 @@ class SlurmAllocator:
         self.partition = settings["slurm_partition"] or None
         self.account = settings["slurm_account"] or None
         self.node_map = parse_node_map(settings["slurm_nodes"])
-        self.max_family_clones = settings["max_family_clones"]
+        self.quota = Quota(settings["max_family_clones"], settings["max_host_clones"])
 
     async def grant(self, owner: str, vm: str, n: int, free: dict[str, int],
-                    family_holds: int) -> Grant:  # fmt: skip
-        left = quota_left(self.max_family_clones, family_holds)
-        job = await asyncio.to_thread(slurm.allocate, min(n, left) if left else n,
+                    holds: Holdings) -> Grant:  # fmt: skip
+        job = await asyncio.to_thread(slurm.allocate, self.quota.cap(n, holds),
                                       self.partition, self.account, None)  # fmt: skip
         try:
             placement = placement_of(job.nodes, self.node_map, set(free))
@@ -130,4 +158,4 @@ class SlurmAllocator:
 def make(settings: dict[str, Any]) -> Allocator:
     if settings["allocator"] == "slurm":
         return SlurmAllocator(settings)
-    return EmbeddedAllocator(settings["max_family_clones"])
+    return EmbeddedAllocator(Quota(settings["max_family_clones"], settings["max_host_clones"]))

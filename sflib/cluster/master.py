@@ -35,7 +35,7 @@ from typing import Any
 from sflib import __version__
 from sflib.address import split_address
 from sflib.cluster import allocator, wire
-from sflib.cluster.grants import Allocator, EmbeddedAllocator
+from sflib.cluster.grants import Allocator, EmbeddedAllocator, Holdings
 from sflib.cluster.registry import Registry, TicketRecord
 from sflib.errors import NotFoundError, SnowFlockError, UsageError
 from sflib.net import identity
@@ -169,8 +169,9 @@ class Master:
             raise NotFoundError(f"host {owner} is not registered (or was declared dead)")
         capacity = {name: h.slots for name, h in hosts.items()}
         free = allocator.free_slots(capacity, self.registry.reserved())
-        holds = sum(t.granted for t in self.registry.tickets(live_only=True)
-                    if (t.owner_host, t.owner_vm) == (owner, vm))  # fmt: skip
+        live = self.registry.tickets(live_only=True)
+        holds = Holdings(sum(t.granted for t in live if (t.owner_host, t.owner_vm) == (owner, vm)),
+                         sum(t.granted for t in live if t.owner_host == owner))  # fmt: skip
         grant = await self.grants.grant(owner, vm, n, free, holds)
         ticket = TicketRecord(f"m{secrets.token_hex(4)}", owner, vm, n, grant.placement,
                               time.time(), job=grant.job)  # fmt: skip

@@ -22,7 +22,7 @@ from sflib.errors import UnreachableError
 pytestmark = pytest.mark.slow
 
 SETTINGS = {"slurm_partition": "", "slurm_account": "", "max_family_clones": 0,
-            "slurm_nodes": "n1=a,n2=a,n3=b,n4=b"}  # fmt: skip
+            "max_host_clones": 0, "slurm_nodes": "n1=a,n2=a,n3=b,n4=b"}  # fmt: skip
 
 
 @pytest.fixture

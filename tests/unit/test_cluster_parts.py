@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sflib.cluster import allocator, wire
-from sflib.cluster.grants import EmbeddedAllocator, parse_node_map, placement_of
+from sflib.cluster.grants import EmbeddedAllocator, Quota, parse_node_map, placement_of
 from sflib.cluster.master import Master
 from sflib.cluster.registry import Registry
 from sflib.errors import AuthError, NotFoundError, SystemFailure, UsageError, WrongStateError
@@ -148,13 +148,15 @@ def test_master_settings_have_their_own_table(tmp_path: Path) -> None:
 
 def test_the_embedded_allocator_caps_a_familys_clones(tmp_path: Path) -> None:
     master = Master(Registry(tmp_path / "m.db"), heartbeat=1, host_timeout=5,
-                    grants=EmbeddedAllocator(max_family_clones=3))  # fmt: skip
+                    grants=EmbeddedAllocator(Quota(family=3, host=5)))  # fmt: skip
     master.register({"host": "a", "address": "a:1", "slots": 8})
     assert asyncio.run(master.request_ticket({"host": "a", "vm": "web", "n": 2}))["granted"] == 2
     assert asyncio.run(master.request_ticket({"host": "a", "vm": "web", "n": 2}))["granted"] == 1
     with pytest.raises(WrongStateError, match="max_family_clones"):
         asyncio.run(master.request_ticket({"host": "a", "vm": "web", "n": 1}))
-    assert asyncio.run(master.request_ticket({"host": "a", "vm": "db", "n": 2}))["granted"] == 2
+    assert asyncio.run(master.request_ticket({"host": "a", "vm": "db", "n": 3}))["granted"] == 2
+    with pytest.raises(WrongStateError, match="max_host_clones 5"):  # a's parents hold 5
+        asyncio.run(master.request_ticket({"host": "a", "vm": "ftp", "n": 1}))
 
 
 def test_slurm_nodes_map_to_hosts() -> None:
