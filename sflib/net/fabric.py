@@ -88,17 +88,18 @@ class FamilyFabric:
 
     def create(self) -> None:
         """The bridge and the VXLAN device, up. Raises CommandFailed (nothing left)."""
+        gateway = f"{identity.subnet(self.family).network_address + 1}/{identity.PREFIX}"
+        commands = [f"link add {self.bridge} address {identity.gateway_mac(self.family)} "
+                    "type bridge"]  # fmt: skip
+        if self.underlay_ip is not None:
+            commands += [f"link add {self.vxlan} type vxlan id {identity.vni(self.family)} "
+                         f"local {self.underlay_ip} dstport {VXLAN_PORT} nolearning",
+                         f"link set {self.vxlan} master {self.bridge} up"]  # fmt: skip
+        commands += [f"link set {self.bridge} up", f"addr add {gateway} dev {self.bridge}"]
         try:
-            self._ip("link", "add", self.bridge, "address", identity.gateway_mac(self.family),
-                     "type", "bridge")  # fmt: skip
-            if self.underlay_ip is not None:
-                self._ip("link", "add", self.vxlan, "type", "vxlan", "id",
-                         str(identity.vni(self.family)), "local", self.underlay_ip,
-                         "dstport", str(VXLAN_PORT), "nolearning")  # fmt: skip
-                self._ip("link", "set", self.vxlan, "master", self.bridge, "up")
-            self._ip("link", "set", self.bridge, "up")
-            gateway = f"{identity.subnet(self.family).network_address + 1}/{identity.PREFIX}"
-            self._ip("addr", "add", gateway, "dev", self.bridge)
+            # One ip for all (a clone's first member on a host waits for this).
+            run.run(["ip", *_ns(self.netns), "-batch", "-"], timeout=30,
+                    input="".join(f"{c}\n" for c in commands))  # fmt: skip
             self._nft("-f", "-", input=isolation_rules(self.family))
         except CommandFailed:
             self.destroy()

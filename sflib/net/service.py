@@ -59,6 +59,11 @@ class FamilyHere:
     router: router.FamilyRouter
     members: dict[int, Member] = field(default_factory=dict)
     dnsmasq: asyncio.subprocess.Process | None = None
+    # dnsmasq dies of a SIGHUP that comes before it has read its hosts file: until
+    # then a change waits (stale), and the watcher sends it.
+    dhcp_ready: bool = False
+    dhcp_stale: bool = False
+    dhcp_watcher: asyncio.Task[None] | None = None
 
 
 class FamilyNetworks:
@@ -212,8 +217,8 @@ class FamilyNetworks:
         return family
 
     async def _dhcp(self, family: FamilyHere) -> asyncio.subprocess.Process:
-        """dnsmasq for the family, once it has read its hosts file: a SIGHUP before
-        then would end it. Raises SystemFailure."""
+        """dnsmasq for the family; a watcher notes when it is ready (off the clone's
+        critical path: a clone takes its address without DHCP). Raises SystemFailure."""
         hosts, leases = self._files(family.number)
         hosts.write_text("")
         log_file = self.dir / f"dnsmasq-{family.number}.log"
@@ -223,19 +228,29 @@ class FamilyNetworks:
         proc = await run.spawn(dhcp.dnsmasq_argv(family.number, hosts, leases, gateway, mtu),
                                log_file=log_file)  # fmt: skip
         (self.dir / f"dnsmasq-{family.number}.pid").write_text(f"{proc.pid}\n")
+        family.dhcp_watcher = asyncio.create_task(self._watch_dhcp(family, proc, log_file))
+        return proc
+
+    async def _watch_dhcp(self, family: FamilyHere, proc: asyncio.subprocess.Process,
+                          log_file: Path) -> None:  # fmt: skip
+        hosts, _ = self._files(family.number)
         for _ in range(DHCP_START_TIMEOUT * 50):
             if f"read {hosts}" in log_file.read_text(errors="replace"):
-                return proc
+                family.dhcp_ready = True
+                if family.dhcp_stale:
+                    self._leases_changed(family)
+                return
             if proc.returncode is not None:
                 break
             await asyncio.sleep(0.02)
-        await run.terminate_async(proc)
-        raise SystemFailure(f"dnsmasq did not start: {log_file.read_text()[-500:]}")
+        log.warning("family %d: dnsmasq did not start, no DHCP here: %s", family.number,
+                    log_file.read_text(errors="replace")[-500:])  # fmt: skip
 
     def _leases_changed(self, family: FamilyHere) -> None:
         hosts, _ = self._files(family.number)
         hosts.write_text(dhcp.hosts_file(family.number, list(family.members)))
-        if family.dnsmasq is not None and family.dnsmasq.returncode is None:
+        family.dhcp_stale = not family.dhcp_ready
+        if family.dhcp_ready and family.dnsmasq is not None and family.dnsmasq.returncode is None:
             family.dnsmasq.send_signal(signal.SIGHUP)  # dnsmasq reads its hosts file again
 
     def _files(self, number: int) -> tuple[Path, Path]:
@@ -243,6 +258,8 @@ class FamilyNetworks:
 
     async def _remove(self, family: FamilyHere) -> None:
         self.families.pop(family.number, None)
+        if family.dhcp_watcher is not None:
+            family.dhcp_watcher.cancel()
         if family.dnsmasq is not None:
             await run.terminate_async(family.dnsmasq)
         family.router.destroy()
