@@ -69,7 +69,7 @@ class Pair:
 
 
 def nsenter(netns: str, *argv: str) -> list[str]:
-    return ["nsenter", f"--net=/run/netns/{netns}", *argv]
+    return [*run.in_netns(netns), *argv]
 
 
 def member(bed: Testbed, host: TestHost, name: str, tap: str, me: identity.Identity,

@@ -8,6 +8,7 @@ stderr captured into the CommandFailed raised on a non-zero exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -126,6 +127,29 @@ async def terminate_async(proc: asyncio.subprocess.Process, grace: float = KILL_
     except TimeoutError:
         proc.kill()
         await proc.wait()
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+    """Signal a child started with Popen and reap it, SIGKILL after timeout; its
+    exit status."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def in_netns(netns: str | None) -> list[str]:
+    """The argv prefix that runs a command in the named network namespace (None:
+    this process's own)."""
+    return ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+
+
+def netns_option(netns: str | None) -> list[str]:
+    """ip, bridge and tc's own option for a named network namespace."""
+    return ["-n", netns] if netns else []
 
 
 def die_with_parent() -> None:

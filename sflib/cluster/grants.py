@@ -54,11 +54,11 @@ class Quota:
 
     def cap(self, n: int, holds: Holdings) -> int:
         """n, or less to stay within the limits. Raises WrongStateError at a limit."""
-        for limit, held, what, key in (
-            (self.family, holds.family, "family", "max_family"),
-            (self.host, holds.host, "host's parents", "max_host"),
+        for limit, held, who, setting in (
+            (self.family, holds.family, "family", "max_family_clones"),
+            (self.host, holds.host, "host's parents", "max_host_clones"),
         ):
-            left = quota_left(limit, held, what, f"{key}_clones")
+            left = quota_left(limit, held, who, setting)
             n = min(n, left) if left is not None else n
         return n
 
@@ -75,8 +75,7 @@ class Allocator(Protocol):
         """None while the allocation lives; else how it ended."""
 
 
-def quota_left(limit: int, holds: int, who: str = "family",
-               setting: str = "max_family_clones") -> int | None:  # fmt: skip
+def quota_left(limit: int, holds: int, who: str, setting: str) -> int | None:
     """How many more clones who may hold (None: no limit). Raises WrongStateError."""
     if limit <= 0:
         return None

@@ -131,13 +131,7 @@ class BedDaemon:
         """SIGTERM, SIGKILL after timeout; its exit status (None: was not running)."""
         if self.proc is None:
             return None
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            status = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            status = self.proc.wait()
+        status = run.stop(self.proc, timeout=timeout)
         self.proc = None
         return status
 
@@ -157,8 +151,7 @@ class SlurmBed:
 
     def command(self, *argv: str) -> list[str]:
         """argv as run where the bed runs (a Slurm client must reach 127.0.0.1 there)."""
-        enter = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
-        return [*enter, *argv]
+        return [*run.in_netns(self.netns), *argv]
 
     @property
     def conf(self) -> Path:

@@ -53,8 +53,7 @@ class Daemon:
     def start(self, *extra: str) -> None:
         """Start it and wait until it says it is ready. Raises SystemFailure."""
         r, w = os.pipe()
-        argv = ["nsenter", f"--net=/run/netns/{self.netns}", *self.argv, *extra,
-                "--ready-fd", str(w)]  # fmt: skip
+        argv = [*run.in_netns(self.netns), *self.argv, *extra, "--ready-fd", str(w)]
         # A test or a benchmark killed outright must not leave its daemons running.
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
@@ -77,13 +76,7 @@ class Daemon:
         """Signal it and reap it; its exit status (None if it was not running)."""
         if self.proc is None:
             return None
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(sig)
-        try:
-            status = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            status = self.proc.wait()
+        status = run.stop(self.proc, sig, timeout)
         self.proc = None
         return status
 

@@ -98,7 +98,7 @@ class FamilyFabric:
         commands += [f"link set {self.bridge} up", f"addr add {gateway} dev {self.bridge}"]
         try:
             # One ip for all (a clone's first member on a host waits for this).
-            run.run(["ip", *_ns(self.netns), "-batch", "-"], timeout=30,
+            run.run(["ip", *run.netns_option(self.netns), "-batch", "-"], timeout=30,
                     input="".join(f"{c}\n" for c in commands))  # fmt: skip
             self._nft("-f", "-", input=isolation_rules(self.family))
         except CommandFailed:
@@ -139,31 +139,31 @@ class FamilyFabric:
 
     def dropped(self) -> int:
         """Frames the isolation rules dropped so far."""
-        out = run.run([*_nsenter(self.netns), "nft", "-j", "list", "table", "bridge",
+        out = run.run([*run.in_netns(self.netns), "nft", "-j", "list", "table", "bridge",
                        table_name(self.family)], timeout=30)  # fmt: skip
         items = json.loads(out.stdout)["nftables"]
         return sum(e["counter"]["packets"] for item in items if "rule" in item
                    for e in item["rule"]["expr"] if "counter" in e)  # fmt: skip
 
     def _ip(self, *argv: str) -> None:
-        run.run(["ip", *_ns(self.netns), *argv], timeout=30)
+        run.run(["ip", *run.netns_option(self.netns), *argv], timeout=30)
 
     def _bridge(self, *argv: str) -> None:
-        run.run(["bridge", *_ns(self.netns), *argv], timeout=30)
+        run.run(["bridge", *run.netns_option(self.netns), *argv], timeout=30)
 
     def _nft(self, *argv: str, input: str | None = None) -> None:
-        run.run([*_nsenter(self.netns), "nft", *argv], timeout=30, input=input)
+        run.run([*run.in_netns(self.netns), "nft", *argv], timeout=30, input=input)
 
 
 def links(netns: str | None = None) -> list[str]:
     """The names of the network interfaces (of netns)."""
-    out = run.run(["ip", *_ns(netns), "-j", "link", "show"], timeout=30)
+    out = run.run(["ip", *run.netns_option(netns), "-j", "link", "show"], timeout=30)
     return [str(link["ifname"]) for link in json.loads(out.stdout or "[]")]
 
 
 def tables(netns: str | None = None) -> list[int]:
     """The families whose nftables tables are here."""
-    out = run.run([*_nsenter(netns), "nft", "-j", "list", "tables", "bridge"], timeout=30)
+    out = run.run([*run.in_netns(netns), "nft", "-j", "list", "tables", "bridge"], timeout=30)
     names = [i["table"]["name"] for i in json.loads(out.stdout or "{}").get("nftables", [])
              if "table" in i]  # fmt: skip
     return sorted(int(n[4:]) for n in names if re.fullmatch(r"sf_f\d+", n))
@@ -181,11 +181,3 @@ def remove_leftovers(underlay_ip: str | None, netns: str | None = None) -> list[
     for family in found:
         FamilyFabric(family, underlay_ip, netns).destroy()
     return found
-
-
-def _ns(netns: str | None) -> list[str]:
-    return ["-n", netns] if netns else []
-
-
-def _nsenter(netns: str | None) -> list[str]:
-    return ["nsenter", f"--net=/run/netns/{netns}"] if netns else []

@@ -336,7 +336,7 @@ def namespaces() -> list[str]:
 
 def tables(netns: str | None = None) -> list[int]:
     """The families whose router tables are here."""
-    out = run.run([*_nsenter(netns), "nft", "-j", "list", "tables", "inet"], timeout=30)
+    out = run.run([*run.in_netns(netns), "nft", "-j", "list", "tables", "inet"], timeout=30)
     names = [i["table"]["name"] for i in json.loads(out.stdout or "{}").get("nftables", [])
              if "table" in i]  # fmt: skip
     return sorted(int(n[4:]) for n in names if re.fullmatch(r"sf_r\d+", n))
@@ -345,7 +345,9 @@ def tables(netns: str | None = None) -> list[int]:
 def _unshape(netns: str | None, bridge: str) -> None:
     if bridge not in fabric.links(netns):
         return
-    out = run.run(["tc", *_ns(netns), "-j", "qdisc", "show", "dev", bridge], timeout=30)
+    out = run.run(
+        ["tc", *run.netns_option(netns), "-j", "qdisc", "show", "dev", bridge], timeout=30
+    )
     kinds = {q.get("kind") for q in json.loads(out.stdout or "[]")}
     if "tbf" in kinds:
         _tc(netns, ["qdisc", "del", "dev", bridge, "root"])
@@ -363,7 +365,7 @@ def _remove_namespace(name: str) -> None:
 
 def _remove_table(netns: str | None, family: int) -> None:
     if family in tables(netns):
-        run.run([*_nsenter(netns), "nft", "delete", "table", "inet", table_name(family)],
+        run.run([*run.in_netns(netns), "nft", "delete", "table", "inet", table_name(family)],
                 timeout=30)  # fmt: skip
 
 
@@ -376,24 +378,16 @@ def _attempt(what: str, action: Callable[[], None]) -> None:
 
 def _forwarding(netns: str | None) -> None:
     # /proc/sys/net is the opener's namespace's, so sysctl must run inside it.
-    run.run([*_nsenter(netns), "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], timeout=30)
+    run.run([*run.in_netns(netns), "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], timeout=30)
 
 
 def _nft(netns: str | None, rules: str) -> None:
-    run.run([*_nsenter(netns), "nft", "-f", "-"], timeout=30, input=rules)
+    run.run([*run.in_netns(netns), "nft", "-f", "-"], timeout=30, input=rules)
 
 
 def _ip(netns: str | None, *argv: str) -> None:
-    run.run(["ip", *_ns(netns), *argv], timeout=30)
+    run.run(["ip", *run.netns_option(netns), *argv], timeout=30)
 
 
 def _tc(netns: str | None, argv: list[str]) -> None:
-    run.run(["tc", *_ns(netns), *argv], timeout=30)
-
-
-def _ns(netns: str | None) -> list[str]:
-    return ["-n", netns] if netns else []
-
-
-def _nsenter(netns: str | None) -> list[str]:
-    return ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    run.run(["tc", *run.netns_option(netns), *argv], timeout=30)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from sflib import run
 from sflib.cluster.testbed import Testbed
 from sflib.image import build as image
 from sflib.image.initramfs import default_compression
@@ -83,7 +84,7 @@ class Host:
             subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True,
                            timeout=30)  # fmt: skip
         r, w = os.pipe()
-        argv = ["nsenter", f"--net=/run/netns/{self.netns}", str(ROOT / "bin/sfld"),
+        argv = [*run.in_netns(self.netns), str(ROOT / "bin/sfld"),
                 "--accel", self.accel, "--image-dir", str(self.image), "--ready-fd", str(w),
                 *extra]  # fmt: skip
         with self.log.open("ab") as log:
@@ -102,8 +103,8 @@ class Host:
     def tool(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run bin/<argv[0]> against this host, in its network namespace (where its
         daemons listen on TCP too); check=True demands exit 0."""
-        enter = ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
-        out = subprocess.run([*enter, str(ROOT / "bin" / argv[0]), *argv[1:]], env=self.env,
+        out = subprocess.run([*run.in_netns(self.netns), str(ROOT / "bin" / argv[0]), *argv[1:]],
+                             env=self.env,
                              capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
         if check:
             assert out.returncode == 0, f"{argv} exited {out.returncode}: {out.stderr}"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sflib import run
 from sflib.cluster.testbed import Testbed
 from sflib.net import dhcp, fabric
 from sflib.net.identity import identity, mac
@@ -113,7 +114,7 @@ def test_each_host_leases_its_own_members_their_ids_address(bed: Testbed) -> Non
             hosts.write_text(dhcp.hosts_file(7, list(members[i])))
             argv = dhcp.dnsmasq_argv(7, hosts, work / f"h{i}.leases")
             log = (work / f"h{i}.log").open("wb")
-            servers.append(subprocess.Popen(["nsenter", f"--net=/run/netns/{host.netns}", *argv],
+            servers.append(subprocess.Popen([*run.in_netns(host.netns), *argv],
                                             stdout=log, stderr=log))  # fmt: skip
             for k in members[i]:
                 guest(bed, i, 7, k, net, address=False)

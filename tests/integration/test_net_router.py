@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from sflib import run
 from sflib.cluster.testbed import Testbed
 from sflib.net import fabric, router
 from sflib.net.identity import identity, subnet
@@ -83,10 +84,6 @@ def ip(*argv: str) -> None:
     subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=30)
 
 
-def nsenter(ns: str) -> list[str]:
-    return ["nsenter", f"--net=/run/netns/{ns}"]
-
-
 def address(family: int, clone_id: int) -> str:
     return identity(family, clone_id).ip.split("/")[0]
 
@@ -102,13 +99,13 @@ class Families:
     servers: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def serve(self, ns: str, *ports: int) -> None:
-        proc = subprocess.Popen([*nsenter(ns), sys.executable, "-c", SERVER,
+        proc = subprocess.Popen([*run.in_netns(ns), sys.executable, "-c", SERVER,
                                  *map(str, ports)], stdout=subprocess.PIPE, text=True)  # fmt: skip
         self.servers.append(proc)
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
 
     def connect(self, ns: str, host: str, port: int, size: int = 0) -> dict[str, object]:
-        out = subprocess.run([*nsenter(ns), sys.executable, "-c", CLIENT, host, str(port),
+        out = subprocess.run([*run.in_netns(ns), sys.executable, "-c", CLIENT, host, str(port),
                               str(size)], capture_output=True, text=True, timeout=60,
                              check=True)  # fmt: skip
         result: dict[str, object] = json.loads(out.stdout)
@@ -182,7 +179,7 @@ def families(request: pytest.FixtureRequest) -> Iterator[Families]:
     with Testbed.create(work, hosts=2, daemons=False) as bed:
         h1, h2 = bed.hosts
         for host in bed.hosts if plain else ():
-            subprocess.run([*nsenter(host.netns), "sysctl", "-q", "-e", "-w",
+            subprocess.run([*run.in_netns(host.netns), "sysctl", "-q", "-e", "-w",
                             "net.bridge.bridge-nf-call-iptables=0"], check=True)  # fmt: skip
         nets = {}
         for family, hosts in ((7, (h1, h2)), (8, (h1,))):
@@ -235,7 +232,7 @@ def test_members_go_out_through_nat_and_only_the_allowed_comes_in(families: Fami
     refused = f.connect(f.outside, address(7, 1), NOT_ALLOWED)
     assert refused["error"] == "ECONNREFUSED"  # though the clone listens there
     assert isinstance(refused["seconds"], float) and refused["seconds"] < 0.5
-    ping = subprocess.run([*nsenter(f.outside), "ping", "-c", "1", "-W", "2", address(7, 1)],
+    ping = subprocess.run([*run.in_netns(f.outside), "ping", "-c", "1", "-W", "2", address(7, 1)],
                           capture_output=True, timeout=30, check=False)  # fmt: skip
     assert ping.returncode == 0  # echo requests are let in
     # Another family's member on the same host gets nowhere, not even to the parent.
