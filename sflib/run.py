@@ -92,6 +92,7 @@ async def run_async(
     *,
     timeout: float = 60.0,
     env: Mapping[str, str] | None = None,
+    input: str | None = None,
     check: bool = True,
 ) -> Completed:
     """The asyncio twin of run(), for daemons. Raises as run() does."""
@@ -99,7 +100,7 @@ async def run_async(
     try:
         proc = await asyncio.create_subprocess_exec(
             *cmd,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=dict(env) if env is not None else None,
@@ -107,7 +108,8 @@ async def run_async(
     except OSError as e:
         raise SystemFailure(f"cannot run {cmd[0]}: {e.strerror}") from e
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        data = input.encode() if input is not None else None
+        out, err = await asyncio.wait_for(proc.communicate(data), timeout)
     except TimeoutError:
         await terminate_async(proc)
         raise OperationTimeout(f"{cmd[0]} did not finish within {timeout:g} s") from None
