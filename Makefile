@@ -5,6 +5,7 @@
 #   make test    every test: lint, types, man pages, unit, bats, VM integration
 #   make bench   benchmarks that print tables
 #   make cluster a cluster of network-namespace hosts on this machine, until ^C
+#   make image   the guest image in build/image (rebuilt only when its inputs changed)
 #
 # Parts of the suite: make test-unit, make test-bats, make test-vm, make lint.
 
@@ -19,7 +20,7 @@ MAN_SOURCES   := $(wildcard man/*.md)
 MAN_PAGES     := $(patsubst man/%.md,build/man/%,$(MAN_SOURCES))
 EXECUTABLES   := $(notdir $(wildcard bin/*))
 
-.PHONY: all c deps deps-debian deps-python man completion demo test test-all test-unit \
+.PHONY: all c deps deps-debian deps-python man completion image demo test test-all test-unit \
         test-bats test-vm lint bench clean cluster
 
 all: deps man completion c
@@ -104,7 +105,14 @@ build/man/%: man/%.md | deps-debian
 completion: deps-python
 	$(PY) -m sflib.cli.completion --out completion/bash $(EXECUTABLES)
 
-demo: deps man
+# The guest image (sf-image(1)); sf-image itself skips a build whose inputs are unchanged.
+image: deps
+	bin/sf-image build
+
+# Every target a newcomer runs on a fresh clone builds what it uses: sfld needs the KVM
+# probe (c), clones the memory server, memtap and libnohugepage.so (c), and VMs an image
+# (the demo and the VM tests build their own).
+demo: deps man c
 	$(PY) -m sflib.demo
 
 lint: deps-python
@@ -121,19 +129,19 @@ test-unit: deps-python
 test-bats: deps man
 	PATH=$(CURDIR)/bin:$$PATH bats tests/bats
 
-test-vm: deps
+test-vm: deps c
 	$(PY) -m pytest -m vm -q
 
-test-all: deps
+test-all: deps c
 	$(PY) -m pytest -q
 
 test: deps man c lint test-c test-bats test-all
 
 # A cluster of network-namespace hosts on this machine, until ^C (sf-testcluster(8)).
-cluster: deps man c
+cluster: deps man c image
 	bin/sf-testcluster run --hosts 3
 
-bench: deps c
+bench: deps c image
 	$(PY) bench/xenstore_bench.py
 	$(PY) bench/vm_bench.py
 	$(PY) bench/fork_bench.py
