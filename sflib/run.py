@@ -2,7 +2,8 @@
 
 Argument lists only (never a shell string), an explicit environment, stdin from
 /dev/null unless input is given, a timeout that escalates SIGTERM then SIGKILL, and
-stderr captured into the CommandFailed raised on a non-zero exit.
+stderr captured into the CommandFailed raised on a non-zero exit. Every child gets a
+signal when the process that started it dies (die_with_parent), however it dies.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -49,8 +51,10 @@ def run(
     input: str | None = None,
     check: bool = True,
     cwd: str | os.PathLike[str] | None = None,
+    death_signal: int = signal.SIGTERM,
 ) -> Completed:
-    """Run a command to completion and return its output.
+    """Run a command to completion and return its output. The child gets death_signal
+    if this process dies first (see die_with_parent).
 
     Raises CommandFailed (non-zero exit, when check), OperationTimeout, SystemFailure
     (the program cannot be started).
@@ -65,6 +69,7 @@ def run(
             env=dict(env) if env is not None else None,
             cwd=cwd,
             text=True,
+            preexec_fn=_pdeath(death_signal),  # noqa: PLW1509 (see die_with_parent)
         )
     except OSError as e:
         raise SystemFailure(f"cannot run {cmd[0]}: {e.strerror}") from e
@@ -73,6 +78,10 @@ def run(
     except subprocess.TimeoutExpired:
         _terminate(proc)
         raise OperationTimeout(f"{cmd[0]} did not finish within {timeout:g} s") from None
+    except BaseException:  # ^C (KeyboardInterrupt) or the like: never leave it running
+        proc.kill()
+        proc.wait()
+        raise
     if check and proc.returncode != 0:
         raise CommandFailed(cmd, proc.returncode, err)
     return Completed(cmd, proc.returncode, out, err)
@@ -94,6 +103,7 @@ async def run_async(
     env: Mapping[str, str] | None = None,
     input: str | None = None,
     check: bool = True,
+    death_signal: int = signal.SIGTERM,
 ) -> Completed:
     """The asyncio twin of run(), for daemons. Raises as run() does."""
     cmd = _prepare(argv)
@@ -104,6 +114,7 @@ async def run_async(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=dict(env) if env is not None else None,
+            preexec_fn=_pdeath(death_signal),
         )
     except OSError as e:
         raise SystemFailure(f"cannot run {cmd[0]}: {e.strerror}") from e
@@ -154,11 +165,31 @@ def netns_option(netns: str | None) -> list[str]:
     return ["-n", netns] if netns else []
 
 
-def die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the daemon that started us dies,
-    so a killed sfld never leaves a QEMU behind."""
-    if _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
+    """In the child before exec (a preexec_fn): get sig when the daemon that started
+    us dies, so a killed sfld never leaves a QEMU behind, whatever killed it (SIGKILL
+    included: the kernel sends sig, not sfld). Given the parent's pid, also exit at
+    once if the parent died between fork and prctl (nobody would signal us then).
+
+    The kernel's "parent" here is the thread that forked, not the process: the signal
+    comes when that thread exits. run() forks in the thread that then waits for the
+    child, and the asyncio calls in the loop's thread, which reaps it; so the thread
+    outlives its child unless the process dies, also when run() is called from a
+    worker thread (asyncio.to_thread). A thread that forked a long-lived child and
+    then ended would take the child with it: nothing here does that.
+
+    Python warns that a preexec_fn may deadlock in a threaded program (a lock held by
+    another thread at fork); this one only calls prctl and getppid, which take none.
+    """
+    if _LIBC.prctl(PR_SET_PDEATHSIG, sig) != 0:
         os._exit(111)
+    if parent is not None and os.getppid() != parent:
+        os._exit(111)
+
+
+def _pdeath(sig: int) -> Callable[[], None]:
+    """die_with_parent as a preexec_fn for a child of this process."""
+    return functools.partial(die_with_parent, sig, os.getpid())
 
 
 async def spawn(
@@ -170,7 +201,8 @@ async def spawn(
 ) -> asyncio.subprocess.Process:
     """Start a long-running child (QEMU) with stdout and stderr appended to log_file.
 
-    The child is sent SIGTERM if the calling process dies. Raises SystemFailure.
+    The child is sent SIGTERM if the calling process (strictly, the loop's thread)
+    dies. Raises SystemFailure.
     """
     cmd = _prepare(argv)
     try:
@@ -186,7 +218,7 @@ async def spawn(
                 stderr=out,
                 pass_fds=tuple(pass_fds),
                 env=dict(env) if env is not None else None,
-                preexec_fn=die_with_parent,
+                preexec_fn=_pdeath(signal.SIGTERM),
             )
     except OSError as e:
         raise SystemFailure(f"cannot run {cmd[0]}: {e.strerror}") from e
