@@ -43,22 +43,35 @@ def test_digest_is_stable_and_sees_every_input(tmp_path: Path) -> None:
     )
 
 
-def test_tree_digest_sees_content_names_modes_and_empty_dirs(tmp_path: Path) -> None:
-    def digest() -> str:
-        h = hashlib.sha256()
-        image.tree_digest(h, tmp_path)
-        return h.hexdigest()
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    image.tree_digest(h, root)
+    return h.hexdigest()
 
+
+def test_tree_digest_sees_content_names_modes_and_empty_dirs(tmp_path: Path) -> None:
     (tmp_path / "hook").write_text("#!/bin/sh\n")
-    before = digest()
+    before = tree_digest(tmp_path)
     (tmp_path / "hook").chmod(0o755)
-    after_chmod = digest()
+    after_chmod = tree_digest(tmp_path)
     assert after_chmod != before
     (tmp_path / "clone-post.d").mkdir()
-    assert digest() != after_chmod
-    (tmp_path / "__pycache__").mkdir()
-    (tmp_path / "__pycache__/x.pyc").write_bytes(b"junk")
-    assert digest() != after_chmod  # the empty dir above still counts
+    assert tree_digest(tmp_path) != after_chmod  # an empty folder counts
+
+
+def test_tree_digest_ignores_what_python_compiles(tmp_path: Path) -> None:
+    """Running the sources (tests, sf-image itself) leaves bytecode beside them; the
+    next build must still be a no-op."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg/mod.py").write_text("X = 1\n")
+    before = tree_digest(tmp_path)
+    for folder in (tmp_path, tmp_path / "pkg"):
+        (folder / "__pycache__").mkdir()
+        (folder / "__pycache__/mod.cpython-311.pyc").write_bytes(b"bytecode")
+    (tmp_path / "pkg/stray.pyc").write_bytes(b"bytecode")  # Python 2's place for it
+    assert tree_digest(tmp_path) == before
+    (tmp_path / "pkg/mod.py").write_text("X = 2\n")
+    assert tree_digest(tmp_path) != before  # the sources still count
 
 
 def test_manifest_unreadable_is_empty(tmp_path: Path) -> None:
