@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import struct
 from pathlib import Path
 
 import pytest
@@ -106,9 +105,16 @@ def test_unknown_transaction_id_is_enoent(good: SyncClient) -> None:
         good.call(READ, payload("/kept"), tx=12345)
 
 
-def test_transaction_end_with_bad_flag_is_einval(good: SyncClient) -> None:
+def test_transaction_end_with_bad_flag_is_einval_and_ends_nothing(good: SyncClient) -> None:
     tx = int(good.call(TX_START, b"\0").rstrip(b"\0"))
+    good.call(WRITE, b"/pending\0v", tx)
     with pytest.raises(XsError, match="EINVAL"):
         good.call(TX_END, b"maybe\0", tx)
-    assert good.call(TX_END, b"F\0", tx) == b"OK\0"
-    assert struct.calcsize("<IIII") == 16
+    assert good.call(READ, payload("/pending"), tx) == b"v"  # the transaction lives on
+    with pytest.raises(XsError, match="ENOENT"):
+        good.call(READ, payload("/pending"))  # and has committed nothing
+    assert good.call(TX_END, b"F\0", tx) == b"OK\0"  # an abort
+    with pytest.raises(XsError, match="ENOENT"):
+        good.call(READ, payload("/pending"))
+    with pytest.raises(XsError, match="ENOENT"):
+        good.call(READ, payload("/kept"), tx)  # the ID is gone with it
