@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -81,11 +81,16 @@ def test_xenstore_watch_reports_changes(xenstored: Path) -> None:
     watcher = subprocess.Popen(
         ["xenstore-watch", "-n", "2", "/events"], env=env, stdout=subprocess.PIPE, text=True
     )
+    assert watcher.stdout is not None
     try:
-        time.sleep(0.5)  # let it place its watch; its initial event counts as one
+        # Its initial event says the watch is placed (and counts as one of the two).
+        readable, _, _ = select.select([watcher.stdout], [], [], 20)
+        assert readable, "xenstore-watch reported no initial event"
+        assert watcher.stdout.readline() == "/events\n"
         xs(xenstored, "xenstore-write", "/events/new", "1")
-        out, _ = watcher.communicate(timeout=10)
+        out, _ = watcher.communicate(timeout=20)
     finally:
         watcher.kill()
         watcher.wait()
-    assert out.split() == ["/events", "/events/new"]
+    assert out.split() == ["/events/new"]
+    assert watcher.returncode == 0
