@@ -81,7 +81,7 @@ class Bench:
         state, image = self.work / f"{parent.spec.name}.state", self.shm / f"{parent.spec.name}.img"
         t0 = time.perf_counter()
         await parent.pause()
-        await parent.save_state(state)
+        await parent.save_devices(state)
         snap = snapshot.take(self.bus.store, parent.spec.domid)
         os.rename(parent.files.memory, image)
         reborn = self.restored(parent, "r", image)
@@ -123,7 +123,7 @@ class Bench:
         path = self.work / f"{vm.spec.name}.eager"
         t0 = time.perf_counter()
         await vm.pause()
-        await vm.save_state(path, with_ram=True)
+        await vm.save_state(path)
         await vm.resume()
         pause = time.perf_counter() - t0
         m = self.machine(f"{vm.spec.name}-eager", vm.spec.memory_mib, vm.spec.append,

@@ -13,6 +13,7 @@ exit in the parent), UnreachableError (not a SnowFlock VM).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -29,6 +30,8 @@ from sflib.hooks.runner import run_hooks
 from sflib.vm.guestbus import open_bus
 
 log = logging.getLogger(__name__)
+
+RNDRESEEDCRNG = 0x5207  # linux/random.h: _IO('R', 0x07)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ def clone(ticket: str, hooks_dir: str | None = None, avoidance: bool = True) -> 
     With avoidance, the guest's free pages are taken and reported first, so that
     clones never fetch them (sflib.fork.freepages)."""
     with _free_pages(avoidance) as report:
-        clone_id = int(request("clone", ticket=ticket, **report)["id"])
+        result = request("clone", ticket=ticket, **report)
+    reseed(result.get("seed"))
+    clone_id = int(result["id"])
     if clone_id:
         run_hooks("clone", "post", identity(), hooks_dir)
     return clone_id
@@ -81,9 +86,26 @@ def checkpoint_parent(hooks_dir: str | None = None, avoidance: bool = True) -> t
     """(checkpoint, 0) now; (checkpoint, ID) in each clone made from it later."""
     with _free_pages(avoidance) as report:
         result = request("checkpoint", **report)
+    reseed(result.get("seed"))
     if result["id"]:
         run_hooks("clone", "post", identity(), hooks_dir)
     return str(result["checkpoint"]), int(result["id"])
+
+
+def reseed(seed: object) -> None:
+    """Mix the seed sfld sent with a fork's reply (each member's own) into the
+    kernel's RNG and reseed it now: whatever this process reads from /dev/urandom
+    next differs from every other member's. The VM's new generation ID reseeds it
+    too (DESIGN §2 step 6), but through an ACPI event that may come a little later.
+    """
+    if not isinstance(seed, str):
+        return
+    try:
+        with open("/dev/urandom", "wb", buffering=0) as rng:
+            rng.write(bytes.fromhex(seed))  # into the input pool, uncredited
+            fcntl.ioctl(rng.fileno(), RNDRESEEDCRNG)  # root only: the guest's tools are
+    except (OSError, ValueError) as e:
+        log.warning("cannot reseed the kernel's RNG: %s", e)
 
 
 def create_clones(checkpoint: str, ticket: str) -> int:

@@ -128,12 +128,12 @@ class ForkEngine:
     async def _op_clone(self, vm: VM, request: layout.Request) -> Any:
         free = self._free_report(vm, request)  # first: gone even if the clone is refused
         ticket = self.book.usable(_str(request.args, "ticket"), vm.machine.spec.name)
-        async with self._forking(vm):
+        async with self._forking(vm):  # only the checkpoint: its clones start after
             ckpt = await self._checkpoint(vm, request.rid, named=False, free=free)
-            self.checkpoints[ckpt.id] = ckpt
-            ticket.pause_ms, ticket.checkpoint = ckpt.pause_ms, ckpt.id
-            self._reply(vm.machine.spec.domid, request.rid, layout.encode_result({"id": 0}))
-            await self._spawn(vm, ckpt, ticket, {})
+        self.checkpoints[ckpt.id] = ckpt
+        ticket.pause_ms, ticket.checkpoint = ckpt.pause_ms, ckpt.id
+        self._reply(vm.machine.spec.domid, request.rid, layout.encode_result(_reply(0)))
+        await self._spawn(vm, ckpt, ticket, {})
         return NO_REPLY
 
     async def _op_checkpoint(self, vm: VM, request: layout.Request) -> Any:
@@ -141,17 +141,17 @@ class ForkEngine:
         async with self._forking(vm):
             ckpt = await self._checkpoint(vm, request.rid, named=True, free=free)
         self.checkpoints[ckpt.id] = ckpt
+        await ckpt.ready()
         ckpt.write_manifest()
-        return {"checkpoint": ckpt.id, "id": 0}
+        return {"checkpoint": ckpt.id, **_reply(0)}
 
     async def _op_create_clones(self, vm: VM, request: layout.Request) -> Any:
         ckpt = self.checkpoints.get(_str(request.args, "checkpoint"))
         if ckpt is None or not ckpt.named or ckpt.owner != vm.machine.spec.name:
             raise NotFoundError(f"no checkpoint {request.args['checkpoint']}")
         ticket = self.book.usable(_str(request.args, "ticket"), vm.machine.spec.name)
-        async with self._forking(vm):
-            await self._spawn(vm, ckpt, ticket, {"checkpoint": ckpt.id})
-        return {"id": 0, "clones": len(ticket.clones)}
+        await self._spawn(vm, ckpt, ticket, {"checkpoint": ckpt.id})
+        return {"clones": len(ticket.clones), **_reply(0)}
 
     async def _op_exit(self, vm: VM, request: layout.Request) -> Any:
         if self.hosted is not None and self.hosted.of(vm) is not None:
@@ -224,17 +224,11 @@ class ForkEngine:
                           free: list[tuple[int, int]]) -> Checkpoint:  # fmt: skip
         self._serial += 1
         ckpt_id = f"{'c' if named else 'k'}{self._serial}-{secrets.token_hex(3)}"
-        started = time.perf_counter()
-        ckpt = await mechanics.freeze(self.vms, vm, ckpt_id, named, self.checkpoint_dir / ckpt_id)
+        ckpt = await mechanics.checkpoint_parent(self.vms, vm, ckpt_id, named,
+                                                 self.checkpoint_dir / ckpt_id, free)  # fmt: skip
         ckpt.rid = rid
-        resumed = await mechanics.continue_from(self.vms, vm, ckpt)
-        ckpt.pause_ms = round((resumed - started) * 1000, 1)
-        try:
-            mechanics.mark_free(ckpt, free)
-        except SystemFailure as e:  # clones then fetch those pages like any other
-            log.warning("%s: free pages not marked: %s", vm.machine.spec.name, e)
-        log.info("%s paused %.1f ms for checkpoint %s (%d free pages)", vm.machine.spec.name,
-                 ckpt.pause_ms, ckpt.id, ckpt.free_pages)  # fmt: skip
+        log.info("%s paused %.1f ms for checkpoint %s", vm.machine.spec.name, ckpt.pause_ms,
+                 ckpt.id)  # fmt: skip
         return ckpt
 
     async def _spawn(self, parent: VM, ckpt: Checkpoint, ticket: Ticket,
@@ -242,8 +236,9 @@ class ForkEngine:
         """Start ticket's clones here and on the hosts the master chose."""
         ticket.state = TicketState.CLONING
         started = time.perf_counter()
+        await ckpt.ready()
         ids = ticket.ids_by_host(self.here)
-        network = self.network.plan(parent, ticket, ids) if self.network else None
+        network = await self.network.plan(parent, ticket, ids) if self.network else None
         remote = None
         if self.remote is not None and set(ids) - {self.here}:
             remote = asyncio.create_task(self.remote.spawn(
@@ -290,7 +285,8 @@ class ForkEngine:
             return
         self._introduce(parent, clone, ticket, k)
         await clone.machine.resume()
-        self._reply(clone.machine.spec.domid, ckpt.rid, layout.encode_result({**reply, "id": k}))
+        answer = layout.encode_result({**reply, **_reply(k)})
+        self._reply(clone.machine.spec.domid, ckpt.rid, answer)
 
     async def _tap(self, ckpt: Checkpoint, name: str) -> Path | None:
         """The memtap file clone name maps, or None to map the frozen image itself."""
@@ -415,7 +411,8 @@ class ForkEngine:
             return {}
         if op == "net.connect":
             if self.vms.network is not None:
-                self.vms.network.connect(int(args["family"]), [str(p) for p in args["peers"]])
+                await self.vms.network.connect(int(args["family"]),
+                                               [str(p) for p in args["peers"]])  # fmt: skip
             return {}
         if op == "share.put":
             self.remote.share(args, self._parent_domid(args))
@@ -482,6 +479,12 @@ def _str(args: dict[str, Any], key: str) -> str:
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 1)
+
+
+def _reply(clone_id: int) -> dict[str, Any]:
+    """What sf-clone returns in a VM: its ID, and a seed of its own that the guest
+    mixes into its kernel's RNG at once (vmgenid reseeds it too, a little later)."""
+    return {"id": clone_id, "seed": secrets.token_hex(32)}
 
 
 def _running(k: int, name: str) -> Clone:

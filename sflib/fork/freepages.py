@@ -82,16 +82,36 @@ def ram_offset(pfn: int, ram_bytes: int) -> int | None:
     return None
 
 
-def bitmap(page_runs: list[tuple[int, int]], ram_bytes: int) -> bytes:
-    """The image's free map (bit i of byte i/8: page i of the RAM file is free)."""
-    pages = ram_bytes // PAGE
-    out = bytearray((pages + 7) // 8)
+def file_runs(page_runs: list[tuple[int, int]], ram_bytes: int) -> list[tuple[int, int]]:
+    """The frame runs as (first page, count) runs of a q35 VM's RAM file (see
+    ram_offset), clipped to it; a run across the hole below 4 GiB is split."""
+    below = ram_bytes if ram_bytes < 0xB0000000 else 0x80000000
+    above = (1 << 32) // PAGE
+    regions = [(0, below // PAGE, 0), (above, (ram_bytes - below) // PAGE, below // PAGE)]
+    out = []
     for first, count in page_runs:
-        for pfn in range(first, first + count):
-            offset = ram_offset(pfn, ram_bytes)
-            if offset is not None:
-                page = offset // PAGE
-                out[page // 8] |= 1 << (page % 8)
+        for base, size, file_base in regions:  # frames base.. base+size are file pages
+            lo, hi = max(first, base), min(first + count, base + size)
+            if lo < hi:
+                out.append((lo - base + file_base, hi - lo))
+    return out
+
+
+def bitmap(runs_in_file: list[tuple[int, int]], pages: int) -> bytes:
+    """The image's free map (bit i of byte i/8: page i of the RAM file is free),
+    from file_runs."""
+    out = bytearray((pages + 7) // 8)
+    for start, count in runs_in_file:
+        page, end = start, min(start + count, pages)
+        while page < end and page % 8:  # the bits before the first whole byte
+            out[page // 8] |= 1 << (page % 8)
+            page += 1
+        whole = (end - page) // 8
+        out[page // 8 : page // 8 + whole] = b"\xff" * whole
+        page += whole * 8
+        while page < end:
+            out[page // 8] |= 1 << (page % 8)
+            page += 1
     return bytes(out)
 
 

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import logging
+import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from typing import Any
 from sflib.cluster.link import ClusterLink
 from sflib.errors import SnowFlockError, SystemFailure, UsageError
 from sflib.fork import layout, mechanics
-from sflib.fork.checkpoint import Checkpoint, MemoryImage
+from sflib.fork.checkpoint import Checkpoint
+from sflib.fork.images import MemoryImage
 from sflib.fork.mechanics import CloneOrder
 from sflib.fork.share import read_chunks
 from sflib.memory.service import MemoryService
@@ -49,6 +51,7 @@ class HostedClone:
     server: str  # the memory server it maps through memtap
     image: str
     exited: bool = False
+    status: int | None = None  # from sf-exit; reported once its QEMU is gone
 
 
 class HostedClones:
@@ -84,7 +87,8 @@ class HostedClones:
                 log.warning("clone %d of ticket %s did not start: %s", k, args["ticket"], e)
                 started[str(k)] = None
                 continue
-            reply(vm.machine.spec.domid, ckpt.rid, {**args["reply"], "id": k})
+            reply(vm.machine.spec.domid, ckpt.rid,
+                  {**args["reply"], "id": k, "seed": secrets.token_hex(32)})  # fmt: skip
             started[str(k)] = name
         self._drop_descriptor_if_unused(ckpt.id)
         return started
@@ -176,19 +180,21 @@ class HostedClones:
     def exited(self, vm: VM, status: int) -> None:
         hosted = self.of(vm)
         if hosted is not None:
-            hosted.exited = True
-            self._notify(hosted, "clone.ended", ticket=hosted.ticket, id=hosted.clone_id,
-                         state="exited", status=status)  # fmt: skip
+            hosted.exited, hosted.status = True, status
 
     async def ended(self, vm: VM) -> None:
-        """A hosted clone's QEMU is gone: tell its parent's host if it did not exit."""
+        """A hosted clone's QEMU is gone: tell its parent's host how it ended (only
+        now, so that sf-join returns when its clones are gone: their memory server
+        no longer serves them, and the parent may change its image in place), unless
+        the parent's host stopped it."""
         hosted = self.clones.pop(vm.machine.spec.name, None)
         if hosted is None:
             return
         await self.memory.detach(hosted.server, hosted.image, vm.machine.spec.name)
-        if not hosted.exited:
+        if not hosted.exited or hosted.status is not None:
+            state = "exited" if hosted.exited else "crashed"
             self._notify(hosted, "clone.ended", ticket=hosted.ticket, id=hosted.clone_id,
-                         state="crashed", status=None)  # fmt: skip
+                         state=state, status=hosted.status)  # fmt: skip
         self._drop_descriptor_if_unused(hosted.checkpoint)
 
     async def drain(self, timeout: float = 10.0) -> None:
@@ -202,7 +208,7 @@ class HostedClones:
         """clone.stop: kill hosted clones (sf-kill, or their parent ended)."""
         found = [n for n in names if n in self.clones]
         for name in found:
-            self.clones[name].exited = True  # the parent knows: no report back
+            self.clones[name].exited, self.clones[name].status = True, None  # no report
         await asyncio.gather(*(self._stop_vm(n) for n in found))
         return found
 

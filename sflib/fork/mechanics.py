@@ -1,13 +1,17 @@
 """The steps of a fork, on QEMU (DESIGN §2).
 
-freeze: pause the VM, save its device state, take its XenStore snapshot and make
-its RAM file the frozen memory image. continue_from: the VM goes on in a new QEMU
-that maps that image privately (copy-on-write), so the pause does not grow with
-the guest's RAM: nothing is copied. restore_clone: a new VM from a checkpoint.
+checkpoint_parent: the VM's next QEMU starts first (paused, waiting for state),
+then the pause holds only what must be atomic: stop, save the device state, take
+the XenStore snapshot, freeze the memory image (sflib.fork.images: a rename the
+first time, the pages written since the last fork after that), load the state
+into the next QEMU and continue there. It maps the image privately
+(copy-on-write), so nothing is copied in proportion to the guest's RAM.
+restore_clone: a new VM from a checkpoint.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -16,8 +20,10 @@ import shutil
 import time
 from pathlib import Path
 
-from sflib.fork import freepages
-from sflib.fork.checkpoint import Checkpoint, MemoryImage, machine_of, materialise
+from sflib.errors import SystemFailure
+from sflib.fork import freepages, images
+from sflib.fork.checkpoint import Checkpoint, machine_of
+from sflib.fork.images import MemoryImage
 from sflib.memory import tap
 from sflib.sfld.vms import VM, VMState, VMTable
 from sflib.vm.machine import Machine
@@ -27,85 +33,170 @@ from sflib.xenstore import snapshot
 log = logging.getLogger(__name__)
 
 
-async def freeze(vms: VMTable, vm: VM, checkpoint_id: str, named: bool, dir: Path) -> Checkpoint:
-    """Pause vm and make a checkpoint of it; vm stays paused. On failure vm runs again.
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Where the next image comes from: base, the image the VM maps now (None: its
+    own RAM file), and target, the file that becomes it (renamed in the pause)."""
 
-    Raises SystemFailure, OperationTimeout.
+    base: MemoryImage | None
+    mapped: Path  # the file the VM's QEMU maps now
+    target: Path
+    in_place: bool  # target is the file the VM maps: nobody else maps it
+
+
+async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: bool, dir: Path,
+                            free: list[tuple[int, int]]) -> Checkpoint:  # fmt: skip
+    """Freeze vm into a new checkpoint (its image <checkpoint_id>.mem, its files in
+    dir) and let vm go on in a new QEMU; ckpt.pause_ms says how long it was paused.
+    free: page frames the guest reported free (sflib.fork.freepages), marked in
+    the image after the pause (await ckpt.ready() before cloning).
+
+    On failure vm runs on as before. Raises SnowFlockError.
     """
-    m = vm.machine
     image_path = vms.memory_dir / f"{checkpoint_id}.mem"
-    renamed = False
-    await m.pause()
+    plan = await _plan(vms, vm, image_path)
     try:
-        dir.mkdir(parents=True)
-        await m.save_state(dir / "devstate")
-        snap = snapshot.take(vms.bus.store, m.spec.domid)
-        if m.files.owns_memory:  # its own shared file: freezing it costs nothing
-            os.rename(m.files.memory, image_path)
-            renamed = True
-        else:  # it maps an older image privately: copy what it sees (slow path)
-            materialise(m.pid or 0, m.files.memory, image_path)
+        new = await _start_next(vms, vm, plan.target)
     except BaseException:
-        if renamed:
-            os.rename(image_path, m.files.memory)
-        shutil.rmtree(dir, ignore_errors=True)
-        await m.resume()
+        if not plan.in_place and plan.base is not None:
+            plan.target.unlink(missing_ok=True)
         raise
-    image = MemoryImage(image_path)
-    image.use(checkpoint_id)
-    return Checkpoint(checkpoint_id, m.spec.name, named, dir, image, snap, machine_of(m.spec))
-
-
-def mark_free(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:
-    """Mark the pages the guest reported free (sflib.fork.freepages) in ckpt's image,
-    before its first clone. After the parent runs again is soon enough: those pages
-    hold zeros, and a hole reads the same. Raises SystemFailure."""
-    if free:
-        ram = ckpt.machine["memory_mib"] << 20
-        ckpt.free_pages = ckpt.image.mark_free(freepages.bitmap(free, ram))
-
-
-async def continue_from(vms: VMTable, vm: VM, ckpt: Checkpoint) -> float:
-    """vm (paused, just frozen into ckpt) goes on in a new QEMU restored from ckpt;
-    returns when (time.perf_counter()) it ran again: the old QEMU's exit, which
-    frees its mappings, comes after.
-
-    Its XenStore session moves to the new QEMU's channel. If that fails, the old
-    QEMU, only paused, runs again on its old memory. Raises what the start raised.
-    """
     old = vm.machine
-    name = old.spec.name
-    generation = vm.generation + 1
-    files = dataclasses.replace(vms.files(name, generation), memory=ckpt.image.path,
-                                owns_memory=False)  # fmt: skip
-    spec = ckpt.spec_for(name, old.spec.domid, old.spec.nic)  # the same tap goes on
+    started = time.perf_counter()
+    snap = await _freeze(vms, vm, new, plan, image_path, dir)
+    resumed = time.perf_counter()
+    image = _adopt(vms, vm, new, plan, MemoryImage(image_path, {checkpoint_id, old.spec.name}))
+    ckpt = Checkpoint(checkpoint_id, old.spec.name, named, dir, image, snap, machine_of(old.spec))
+    ckpt.pause_ms = round((resumed - started) * 1000, 1)
+    ckpt.finishing = asyncio.create_task(_mark_free(ckpt, free))
+    vms.retire(old)  # its exit unmaps all it touched: not part of the pause
+    return ckpt
+
+
+async def _plan(vms: VMTable, vm: VM, image_path: Path) -> _Plan:
+    m = vm.machine
+    name = m.spec.name
+    if m.files.owns_memory:  # its own shared file: freezing it is a rename
+        return _Plan(None, m.files.memory, m.files.memory, in_place=False)
+    base = vms.images.get(name)
+    if base is not None and base.only_for(name) and base.path == m.files.memory:
+        return _Plan(base, m.files.memory, m.files.memory, in_place=True)
+    # Clones or checkpoints still map it: the next image starts as a copy, made
+    # while the VM runs (the image itself never changes).
+    log.info("%s: copying memory image %s (still mapped by %s)", name, m.files.memory,
+             ", ".join(sorted(base.users - {name})) if base else "another host")  # fmt: skip
+    await asyncio.to_thread(images.copy_image, m.files.memory, image_path)
+    return _Plan(base, m.files.memory, image_path, in_place=False)
+
+
+async def _start_next(vms: VMTable, vm: VM, memory: Path) -> Machine:
+    """vm's next QEMU, started and paused, waiting for state; its XenStore channel
+    is held until it takes over. Raises SnowFlockError (and leaves nothing)."""
+    old = vm.machine
+    files = dataclasses.replace(vms.files(old.spec.name, vm.generation + 1), memory=memory,
+                                owns_memory=False, extra={})  # fmt: skip
+    spec = dataclasses.replace(old.spec, incoming="defer", share_memory=False)  # same tap
     new = Machine(old.qemu, spec, files, vms.bus, old.qemu_log)
-    new.channel = old.channel
+    new.hold_bus = True
     try:
         await new.start()
         await new.wait_bus()
-        await new.load_state(ckpt.devstate)
-        await new.resume()
-        resumed = time.perf_counter()
     except BaseException:
         await new.stop()
-        await _undo_freeze(old, ckpt)
         raise
-    ckpt.image.use(name)
-    vm.machine, vm.generation = new, generation
-    vms.release_image(name)
-    vms.images[name] = ckpt.image
-    old.files = dataclasses.replace(old.files, extra={})  # the VM's record and logs stay
-    await old.stop()
-    return resumed
+    return new
 
 
-async def _undo_freeze(old: Machine, ckpt: Checkpoint) -> None:
-    if old.files.owns_memory and not old.files.memory.exists():
-        os.rename(ckpt.image.path, old.files.memory)
+async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: Path,
+                  dir: Path) -> snapshot.DomainSnapshot:  # fmt: skip
+    """The pause: vm's QEMU stops, and new goes on from its state and the image
+    at image_path. On failure the old QEMU runs again and new is stopped. Raises
+    SnowFlockError."""
+    old = vm.machine
+    await old.pause()
+    try:
+        dir.mkdir(parents=True)
+        await old.save_devices(dir / "devstate")
+        snap = snapshot.take(vms.bus.store, old.spec.domid)
+        pages = await asyncio.to_thread(_freeze_memory, old.pid or 0, plan, image_path)
+        await new.load_state(dir / "devstate")
+    except BaseException:
+        await _undo(old, new, plan, image_path, dir)
+        raise
+    try:
+        assert old.channel is not None
+        new.take_over(old.channel)
+        await new.resume()
+    except BaseException:  # the session has moved: the VM cannot go back
+        log.exception("%s: lost in its new QEMU; stopping it", old.spec.name)
+        await new.stop()
+        await old.stop()
+        raise
+    log.debug("%s: %d pages written into its image", old.spec.name, pages)
+    return snap
+
+
+def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> int:
+    """In a thread, the VM paused: make image_path the image of its memory as it is.
+    Returns the pages written. Raises SystemFailure."""
+    if plan.base is None:
+        os.rename(plan.mapped, image_path)
+        return 0
+    start, runs = images.dirty_runs(pid, plan.mapped)
+    pages = images.write_runs(pid, start, runs, plan.target)
+    if plan.in_place:
+        plan.base.free_map.unlink(missing_ok=True)  # it marked pages of the last fork
+        os.rename(plan.target, image_path)
+    return pages
+
+
+async def _undo(old: Machine, new: Machine, plan: _Plan, image_path: Path, dir: Path) -> None:
+    """Back to before the pause: the files where they were, the old QEMU running.
+    Pages written into an image in place are the ones its only user, the old QEMU,
+    has its own copies of: its view did not change."""
+    if image_path.exists() and (plan.base is None or plan.in_place):
+        os.rename(image_path, plan.mapped)
+    elif not plan.in_place and plan.base is not None:
+        plan.target.unlink(missing_ok=True)
+    shutil.rmtree(dir, ignore_errors=True)
+    await new.stop()
     with contextlib.suppress(Exception):
         await old.resume()
-    ckpt.remove()
+
+
+def _adopt(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image: MemoryImage) -> MemoryImage:
+    """After the pause: vm is new, which maps the checkpoint's image."""
+    name = new.spec.name
+    if plan.in_place:
+        vms.images.pop(name, None)  # the same file, renamed: nothing to remove
+    else:
+        vms.release_image(name)
+    vms.images[name] = image
+    record = vms.files(name).extra
+    new.files = dataclasses.replace(new.files, memory=image.path, extra=record)
+    old = vm.machine
+    old.files = dataclasses.replace(old.files, extra={})  # the VM's record and logs stay
+    vm.machine, vm.generation = new, vm.generation + 1
+    vms.record(vm)
+    return image
+
+
+async def _mark_free(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:
+    """Mark the pages the guest reported free in ckpt's image, before its first
+    clone. After the parent runs again is soon enough: those pages hold zeros, and
+    a hole reads the same. Never raises: clones then fetch them like others."""
+    if not free:
+        return
+    ram = ckpt.machine["memory_mib"] << 20
+
+    def mark() -> int:
+        runs = freepages.file_runs(free, ram)
+        return ckpt.image.mark_free(freepages.bitmap(runs, ram // freepages.PAGE), runs)
+
+    try:
+        ckpt.free_pages = await asyncio.to_thread(mark)
+    except SystemFailure as e:
+        log.warning("%s: free pages not marked: %s", ckpt.owner, e)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sflib.errors import NotFoundError, OperationTimeout, UsageError, WrongStateError
-from sflib.fork.checkpoint import MemoryImage
+from sflib.fork.images import MemoryImage
 from sflib.net.service import NETWORK_KEY, FamilyNetworks
 from sflib.vm.accel import Accel
 from sflib.vm.machine import Machine
@@ -131,6 +131,7 @@ class VMTable:
         self.on_end: list[Callable[[VM], Awaitable[None]]] = []  # e.g. the fork engine
         self.images: dict[str, MemoryImage] = {}  # the frozen image a VM maps, if any
         self.network: FamilyNetworks | None = None  # set when VMs get cards
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def prepare(self) -> None:
         for d in (self.state_dir, self.run_dir, self.memory_dir):
@@ -245,10 +246,16 @@ class VMTable:
         if image is not None:
             image.release(name)
 
+    def retire(self, machine: Machine) -> None:
+        """Stop a VM's former QEMU (it went on in a new one) in the background."""
+        task = asyncio.create_task(machine.stop(), name=f"retire-{machine.spec.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     def register(self, vm: VM) -> None:
         """Watch over a VM whose QEMU runs: record it, clean up when it ends."""
         self.vms[vm.machine.spec.name] = vm
-        self._write_record(vm)
+        self.record(vm)
         vm.supervisor = asyncio.create_task(self._supervise(vm), name=f"vm-{vm.machine.spec.name}")
 
     def _check_ready(self, vm: VM) -> None:
@@ -313,10 +320,12 @@ class VMTable:
         return vm
 
     async def stop_all(self) -> None:
-        await asyncio.gather(*(self.stop(n) for n in list(self.vms)), return_exceptions=True)
+        await asyncio.gather(*(self.stop(n) for n in list(self.vms)), *self._retiring,
+                             return_exceptions=True)  # fmt: skip
 
     async def _forget(self, vm: VM) -> None:
         spec = vm.machine.spec
+        self.release_image(spec.name)  # first: the image's users are the VMs that run
         for callback in self.on_end:
             await callback(vm)
         if self.network is not None:
@@ -332,11 +341,12 @@ class VMTable:
                 f"/local/domain/{spec.domid}/{READY_KEY.decode()}", spec.name.encode()
             )
         self.bus.release_domain(spec.domid)
-        self.release_image(spec.name)
         shutil.rmtree(vm.machine.files.console_log.parent, ignore_errors=True)
         vm.ended.set()
 
-    def _write_record(self, vm: VM) -> None:
+    def record(self, vm: VM) -> None:
+        """Write what a later sfld needs to clean up after vm (its QEMU's pid, its
+        files), again whenever it changes."""
         record = vm.machine.files.extra["record"]
         files = vm.machine.files
         data = {

@@ -40,6 +40,8 @@ class Machine:
         self.proc: asyncio.subprocess.Process | None = None
         self.qmp = QMPClient(spec.name)
         self.channel: Connection | None = None  # set beforehand to continue a session
+        self.hold_bus = False  # set beforehand: keep the channel for take_over()
+        self._held: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self.restore_from: DomainSnapshot | None = None  # set beforehand for a clone
         self.env: dict[str, str] | None = None  # QEMU's environment, if not ours
         self.bus_connected = asyncio.Event()
@@ -82,6 +84,10 @@ class Machine:
         await self.qmp.start_server(str(self.files.qmp_socket))
 
     async def _on_xenbus(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.hold_bus:  # started ahead of a pause: its VM's QEMU still runs
+            self._held = (reader, writer)
+            self.bus_connected.set()
+            return
         if self.channel is None and self.restore_from is not None:
             # A clone: its domain starts as the checkpointed domain was.
             snap = self.restore_from
@@ -92,6 +98,14 @@ class Machine:
         # domain's session: a watch the guest placed before still fires.
         self.channel = self.bus.attach(self.spec.domid, reader, writer, resume=self.channel)
         self.bus_connected.set()
+
+    def take_over(self, session: Connection) -> None:
+        """The held channel takes over session (the VM's, from its paused QEMU): a
+        watch the guest placed before still fires. After wait_bus()."""
+        assert self._held is not None, "take_over() before the channel connected"
+        reader, writer = self._held
+        self.hold_bus, self._held = False, None
+        self.channel = self.bus.attach(self.spec.domid, reader, writer, resume=session)
 
     async def wait_bus(self, timeout: float = 10.0) -> None:
         """Until QEMU's XenStore channel is attached. Raises OperationTimeout."""
@@ -152,18 +166,23 @@ class Machine:
         """The network card's link: down, the card neither sends nor receives."""
         await self.execute("set_link", {"name": NIC_ID, "up": up})
 
-    async def save_state(self, path: Path, with_ram: bool = False) -> None:
-        """Write the device state, without shared RAM, to path (the VM must be paused).
-        with_ram: all of RAM too, as an eager snapshot (virsh save) does.
+    async def save_devices(self, path: Path) -> None:
+        """Write the state of every device but RAM to path (the VM must be paused),
+        whether RAM is shared or private: a migration would carry private RAM
+        along. Raises SystemFailure."""
+        await self.execute("xen-save-devices-state", {"filename": str(path), "live": False})
 
-        Raises SystemFailure if QEMU's migration fails.
-        """
-        await self._ignore_shared(not with_ram)
+    async def save_state(self, path: Path) -> None:
+        """Write the device state with all of RAM to path (the VM must be paused),
+        as an eager snapshot (virsh save) does. Raises SystemFailure if QEMU's
+        migration fails."""
+        await self._ignore_shared(False)
         await self.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
         await self._migration_done()
 
     async def load_state(self, path: Path, with_ram: bool = False) -> None:
-        """Load a device state into a VM started with incoming="defer"; stays paused."""
+        """Load a device state (save_devices, or save_state with_ram) into a VM
+        started with incoming="defer"; it stays paused."""
         await self._ignore_shared(not with_ram)
         await self.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
         await self._migration_done()

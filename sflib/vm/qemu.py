@@ -18,6 +18,7 @@ from sflib.vm.accel import Accel
 from sflib.vm.guestbus import XENBUS_PORT
 
 NIC_ID = "nic0"  # the card's QMP name (set_link)
+VMGENID_ID = "vmgenid0"
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,10 @@ def machine_args(spec: VMSpec, files: VMFiles) -> list[str]:
     cpu = "host" if spec.accel == Accel.KVM else "max"
     return [
         "-name", f"{spec.name},debug-threads=on",
-        "-machine", "q35,memory-backend=ram",
+        # No configuration section and no description in the device state: it is
+        # saved with xen-save-devices-state (sflib.vm.machine), which writes neither.
+        "-machine", "q35,memory-backend=ram,suppress-vmdesc=on",
+        "-global", "migration.send-configuration=off",
         "-accel", str(spec.accel),
         "-cpu", cpu,
         "-smp", str(spec.vcpus),
@@ -88,6 +92,10 @@ def device_args(spec: VMSpec, files: VMFiles) -> list[str]:
         "-chardev", f"socket,id=xenbus,path={files.xenbus_socket},reconnect=1",
         "-device", f"virtserialport,bus=vser.0,chardev=xenbus,name={XENBUS_PORT}",
         "-device", "virtio-balloon-pci,id=balloon",
+        # From boot, since a clone has its parent's devices: every QEMU of a VM gets
+        # a new generation ID, so each clone's kernel (and the parent's, in its new
+        # QEMU after a fork) reseeds its RNG as it wakes (DESIGN §2 step 6).
+        "-device", f"vmgenid,id={VMGENID_ID},guid=auto",
         *nic_args(spec.nic),
     ]  # fmt: skip
 

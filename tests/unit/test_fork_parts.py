@@ -14,7 +14,7 @@ import pytest
 
 from sflib.errors import NotFoundError, UsageError, WrongStateError
 from sflib.fork import freepages, layout
-from sflib.fork.checkpoint import MemoryImage
+from sflib.fork.images import MemoryImage
 from sflib.fork.engine import ForkEngine
 from sflib.fork.freepages import PAGE, ram_offset
 from sflib.fork.share import CHUNK, chunks
@@ -132,9 +132,33 @@ def test_free_page_reports_survive_the_trip_and_land_in_the_ram_file() -> None:
     chunks = freepages.encode(freepages.runs(pfns))
     assert all(len(c) <= 2048 for c in chunks)
     assert freepages.decode(chunks) == [(3, 5), (100, 1), (9000, 1)]
-    free_map = freepages.bitmap(freepages.decode(chunks), 64 << 20)  # 16384 pages
+    in_file = freepages.file_runs(freepages.decode(chunks), 64 << 20)  # 16384 pages
+    free_map = freepages.bitmap(in_file, 16384)
     assert len(free_map) == 2048
     assert freepages.set_runs(free_map) == [(3, 5), (100, 1), (9000, 1)]
+
+
+def test_free_frames_map_to_file_pages_across_the_hole_below_4g() -> None:
+    big = 4 << 30  # 2 GiB below 4 GiB, 2 GiB from 4 GiB up
+    below = 0x80000000 // PAGE
+    above = (1 << 32) // PAGE
+    frames = [(below - 2, 4), (above - 1, 3), (above + big // PAGE, 5)]
+    # The run into the PCI hole is cut; the one across 4 GiB starts at the file's
+    # 2 GiB; the one past the RAM is dropped.
+    assert freepages.file_runs(frames, big) == [(below - 2, 2), (below, 2)]
+    for pfn in (below - 1, above, above + 1):
+        offset = ram_offset(pfn, big)
+        assert offset is not None
+        runs = freepages.file_runs([(pfn, 1)], big)
+        assert runs == [(offset // PAGE, 1)]
+
+
+def test_free_map_bits_for_runs_of_any_alignment() -> None:
+    runs = [(0, 1), (3, 17), (40, 8), (63, 1)]
+    free_map = freepages.bitmap(runs, 64)
+    marked = {i for i in range(64) if free_map[i // 8] >> (i % 8) & 1}
+    assert marked == {0, *range(3, 20), *range(40, 48), 63}
+    assert freepages.bitmap([(60, 10)], 64)[-1] == 0xF0  # clipped to the file
 
 
 def test_a_big_report_is_chunked_and_garbage_is_refused() -> None:
@@ -159,8 +183,9 @@ def test_q35_puts_ram_above_4g_past_2_75_gib() -> None:
 def test_marking_free_pages_punches_them_out_of_the_image(tmp_path: Path) -> None:
     image = MemoryImage(tmp_path / "k1.mem")
     image.path.write_bytes(b"\1" * (16 * freepages.PAGE))
-    free_map = freepages.bitmap([(2, 3), (10, 1)], 16 * freepages.PAGE)
-    assert image.mark_free(free_map) == 4
+    runs = [(2, 3), (10, 1)]
+    free_map = freepages.bitmap(runs, 16)
+    assert image.mark_free(free_map, runs) == 4
     data = image.path.read_bytes()
     pages = [data[i * freepages.PAGE : (i + 1) * freepages.PAGE] for i in range(16)]
     assert [i for i, p in enumerate(pages) if p == bytes(freepages.PAGE)] == [2, 3, 4, 10]

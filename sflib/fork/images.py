@@ -1,0 +1,226 @@
+"""Frozen memory images, and how the next one is made from the last (DESIGN §2, 5).
+
+A VM's first fork freezes its own RAM file: a rename, nothing copied. After it,
+the VM runs in a QEMU that maps that image privately, so what the guest writes
+lives in QEMU's own (anonymous) pages, which /proc/PID/pagemap tells apart from
+the image's file pages. The next image is therefore the last one plus exactly
+those pages (dirty_runs, write_runs):
+
+- written into the last image itself when nothing but the parent maps it: a
+  pwrite changes what a private mapping shows for file pages only, never for its
+  own copies, so the parent's view stays intact while the file catches up;
+- written into a copy of it (copy_image, made before the pause, off the event
+  loop) when clones or checkpoints still map the last one.
+
+Either way the cost in the pause is that of the pages the guest changed since the
+last fork, never that of its RAM. Runs of pages that are all zeros become holes,
+so images stay sparse. Everything here blocks: callers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sflib.errors import SystemFailure
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+COPY_CHUNK = 1 << 20  # bytes per read when copying; zero chunks stay holes
+_ZEROS = bytes(COPY_CHUNK)
+
+# Byte 7 of a pagemap entry holds bits 56-63: 63 present, 62 swapped, 61 file or
+# shared. A page of the image's private mapping is QEMU's own copy when it is
+# present and not a file page, or swapped out (swap only ever holds anonymous pages).
+_OWN_PAGE = bytes(1 if (b & 0x80 and not b & 0x20) or b & 0x40 else 0 for b in range(256))
+_RUN = re.compile(b"\x01+")
+
+
+@dataclass
+class MemoryImage:
+    """A frozen guest RAM file and the VMs and checkpoints that map it."""
+
+    path: Path
+    users: set[str] = field(default_factory=set)
+    owned: bool = True  # False: another host's image, seen through memtap
+
+    def use(self, user: str) -> None:
+        self.users.add(user)
+
+    @property
+    def free_map(self) -> Path:
+        """Its free-page map, for the memory server (c/memproto.h)."""
+        return self.path.with_name(self.path.name + ".free")
+
+    def only_for(self, user: str) -> bool:
+        """Nobody but user maps it: it may be brought up to date in place."""
+        return self.owned and self.users <= {user}
+
+    def mark_free(self, free_map: bytes, page_runs: list[tuple[int, int]]) -> int:
+        """Write the free-page map and punch those pages (page_runs, in the file) out
+        of the file: they hold zeros (see sflib.fork.freepages). Returns how many
+        pages. Raises SystemFailure."""
+        partial = self.free_map.with_suffix(".free-new")
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+            try:
+                for first, count in page_runs:
+                    punch(fd, first * PAGE, count * PAGE)
+            finally:
+                os.close(fd)
+            partial.write_bytes(free_map)
+            partial.rename(self.free_map)  # whole or not at all: the server checks its size
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise SystemFailure(f"cannot mark free pages in {self.path}: {e.strerror}") from e
+        return sum(count for _, count in page_runs)
+
+    def release(self, user: str) -> None:
+        """Forget a user; the last one out removes the file (if it is ours)."""
+        self.users.discard(user)
+        if not self.users and self.owned:
+            self.path.unlink(missing_ok=True)
+            self.free_map.unlink(missing_ok=True)
+            log.debug("memory image %s removed", self.path)
+
+
+# Which pages are QEMU's own (pure) ----------------------------------------------
+
+
+def own_page_runs(pagemap: bytes) -> list[tuple[int, int]]:
+    """(first, count) runs of the pages a pagemap extract marks as the process's
+    own copies (see _OWN_PAGE); one 8-byte entry per page."""
+    marks = pagemap[7::8].translate(_OWN_PAGE)
+    return [(m.start(), m.end() - m.start()) for m in _RUN.finditer(marks)]
+
+
+# Reading a QEMU's mappings --------------------------------------------------------
+
+
+def mapping_of(pid: int, mapped: Path) -> tuple[int, int]:
+    """Where process pid maps the whole of file mapped: (start, end) addresses.
+    Raises SystemFailure."""
+    target = os.fspath(mapped)
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except OSError as e:
+        raise SystemFailure(f"cannot read QEMU {pid}'s mappings: {e.strerror}") from e
+    for line in maps:
+        fields = line.split(maxsplit=5)
+        # A renamed file keeps its mapping; maps then shows the new name.
+        if len(fields) == 6 and fields[5] == target and fields[2] == "00000000":
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            return start, end
+    raise SystemFailure(f"QEMU {pid} does not map {mapped}")
+
+
+def dirty_runs(pid: int, mapped: Path) -> tuple[int, list[tuple[int, int]]]:
+    """The page runs of mapped that QEMU pid has its own copies of (what the guest
+    wrote since it mapped the image), and the mapping's start. Raises SystemFailure."""
+    start, end = mapping_of(pid, mapped)
+    try:
+        with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
+            pagemap.seek(start // PAGE * 8)
+            entries = _read_exactly(pagemap, (end - start) // PAGE * 8)
+    except OSError as e:
+        raise SystemFailure(f"cannot read QEMU {pid}'s page map: {e.strerror}") from e
+    return start, own_page_runs(entries)
+
+
+def write_runs(pid: int, start: int, runs: list[tuple[int, int]], image: Path) -> int:
+    """Copy those pages of QEMU pid's guest RAM (mapped at start) into image, at
+    the same offsets; runs that are all zeros are punched instead. Returns the
+    pages written. Raises SystemFailure."""
+    written = 0
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            fd = os.open(image, os.O_RDWR)
+            try:
+                for first, count in runs:
+                    written += _copy_run(mem, start, fd, first, count)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        raise SystemFailure(f"cannot copy QEMU {pid}'s pages into {image}: "
+                            f"{e.strerror}") from e  # fmt: skip
+    return written
+
+
+def _copy_run(mem: object, start: int, fd: int, first: int, count: int) -> int:
+    written = 0
+    offset, end = first * PAGE, (first + count) * PAGE
+    while offset < end:
+        size = min(end - offset, COPY_CHUNK)
+        mem.seek(start + offset)  # type: ignore[attr-defined]
+        data = _read_exactly(mem, size)
+        if data == _ZEROS[:size]:
+            punch(fd, offset, size)
+        else:
+            os.pwrite(fd, data, offset)
+            written += size // PAGE
+        offset += size
+    return written
+
+
+def copy_image(src: Path, dst: Path) -> None:
+    """A sparse copy of image src at dst: holes and zero chunks stay holes. On
+    failure dst is removed. Raises SystemFailure."""
+    try:
+        size = src.stat().st_size
+        with src.open("rb", buffering=0) as s, dst.open("wb", buffering=0) as d:
+            d.truncate(size)
+            for offset, length in _data_regions(s.fileno(), size):
+                _copy_region(s.fileno(), d.fileno(), offset, length)
+    except OSError as e:
+        dst.unlink(missing_ok=True)
+        raise SystemFailure(f"cannot copy memory image {src}: {e.strerror}") from e
+
+
+def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
+    regions, offset = [], 0
+    while offset < size:
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        regions.append((data, hole - data))
+        offset = hole
+    return regions
+
+
+def _copy_region(src: int, dst: int, offset: int, length: int) -> None:
+    end = offset + length
+    while offset < end:
+        data = os.pread(src, min(end - offset, COPY_CHUNK), offset)
+        if not data:
+            break
+        if data != _ZEROS[: len(data)]:
+            os.pwrite(dst, data, offset)
+        offset += len(data)
+
+
+def _read_exactly(f: object, size: int) -> bytes:
+    data = f.read(size)  # type: ignore[attr-defined]
+    if len(data) != size:
+        raise OSError(errno.EIO, "short read")
+    return bytes(data)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def punch(fd: int, offset: int, length: int) -> None:
+    """Make a hole (zeros, no memory) of the file's bytes there. Raises OSError."""
+    if _LIBC.fallocate(fd, _PUNCH_HOLE, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

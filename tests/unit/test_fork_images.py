@@ -1,0 +1,121 @@
+"""How the image of a later fork is made (sflib.fork.images): the pages a process
+wrote into its private mapping of an image, found in its page map and written
+back, against a real mapping of a tmpfs file."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sflib.errors import SystemFailure
+from sflib.fork import images
+from sflib.fork.images import PAGE, MemoryImage
+
+SHM = Path("/dev/shm")
+
+
+def entry(present: bool = False, file: bool = False, swapped: bool = False) -> bytes:
+    value = (present << 63) | (swapped << 62) | (file << 61) | 0x1234  # a frame number
+    return struct.pack("<Q", value)
+
+
+def test_own_pages_are_present_anonymous_or_swapped() -> None:
+    pagemap = b"".join([
+        entry(),  # 0: never touched
+        entry(present=True, file=True),  # 1: read: the image's page
+        entry(present=True),  # 2: written: QEMU's own copy
+        entry(present=True),  # 3
+        entry(swapped=True),  # 4: written, then swapped out
+        entry(present=True, file=True),  # 5
+        entry(present=True),  # 6
+    ])  # fmt: skip
+    assert images.own_page_runs(pagemap) == [(2, 3), (6, 1)]
+    assert images.own_page_runs(b"") == []
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = SHM / f"sf-test-{os.getpid()}-{tmp_path.name}.mem"
+    with path.open("wb") as f:
+        f.truncate(64 * PAGE)
+        for page in range(0, 64, 4):  # some data, some holes
+            f.seek(page * PAGE)
+            f.write(bytes([page + 1]) * PAGE)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+WRITER = """
+import mmap, os, sys
+f = open(sys.argv[1], "r+b")
+m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+_ = m[8 * 4096]  # read only: stays the file's page
+for page, value in ((1, 0xA1), (2, 0xA2), (4, 0xA4), (40, 0)):
+    m[page * 4096 : (page + 1) * 4096] = bytes([value]) * 4096
+print("ready", flush=True)
+sys.stdin.readline()
+sys.stdout.write(m[:].hex())
+"""
+
+
+def test_written_pages_go_into_the_image_and_the_mapping_sees_the_same(image: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(image)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "ready\n"
+        start, runs = images.dirty_runs(proc.pid, image)
+        assert runs == [(1, 2), (4, 1), (40, 1)]
+        assert images.write_runs(proc.pid, start, runs, image) == 3  # page 40: a hole
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        seen = bytes.fromhex(proc.stdout.read())
+    finally:
+        proc.kill()
+        proc.wait()
+    data = image.read_bytes()
+    assert data == seen  # the file caught up; the process's view never changed
+    assert data[PAGE : 2 * PAGE] == b"\xa1" * PAGE and data[4 * PAGE : 5 * PAGE] == b"\xa4" * PAGE
+    assert data[40 * PAGE : 41 * PAGE] == bytes(PAGE)
+    assert data[8 * PAGE : 9 * PAGE] == b"\x09" * PAGE  # read, not written: unchanged
+
+
+def test_a_copy_keeps_holes_and_zero_chunks_out(image: Path) -> None:
+    with image.open("r+b") as f:  # a whole megabyte of written zeros
+        f.truncate(512 * PAGE)
+        f.seek(256 * PAGE)
+        f.write(bytes(256 * PAGE))
+    copy = image.with_suffix(".copy")
+    try:
+        images.copy_image(image, copy)
+        assert copy.read_bytes() == image.read_bytes()
+        assert os.stat(copy).st_blocks * 512 <= 16 * 4 * PAGE  # only the data pages
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+def test_a_process_that_does_not_map_the_image_is_refused(image: Path) -> None:
+    with pytest.raises(SystemFailure, match="does not map"):
+        images.dirty_runs(os.getpid(), image)
+
+
+def test_an_image_is_updated_in_place_only_for_its_one_user(tmp_path: Path) -> None:
+    img = MemoryImage(tmp_path / "k1.mem", {"k1", "vm"})
+    assert not img.only_for("vm")  # its checkpoint (a ticket's clones) maps it too
+    img.release("k1")
+    assert img.only_for("vm")
+    img.use("t1-1")
+    assert not img.only_for("vm")
+    assert not MemoryImage(tmp_path / "x.mem", {"vm"}, owned=False).only_for("vm")
+
+
+def test_mapping_of_a_mapped_file(image: Path) -> None:
+    with image.open("r+b") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as m:
+        start, end = images.mapping_of(os.getpid(), image)
+        assert end - start == len(m) == 64 * PAGE
