@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from sflib.xenstore.server import XenStoreServer
+from sflib.xenstore.server import Connection, XenStoreServer
 from sflib.xenstore.tree import Quotas
+from sflib.xenstore.wire import Packet
 from tests.xsclient import HDR, AsyncClient, XsError, payload
 
 READ, WATCH, WRITE, MKDIR, SET_PERMS = 2, 4, 11, 12, 14
@@ -51,23 +52,47 @@ async def test_domain_uses_relative_paths_and_is_refused_others(server: XenStore
     assert server.store.introduced >= {5, 6}
 
 
-async def test_domain_outstanding_quota_pauses_reading(server: XenStoreServer) -> None:
-    host, guest = socket.socketpair()
-    reader, writer = await asyncio.open_connection(sock=host)
+async def until(what: str, check: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_domain_outstanding_quota_pauses_reading(
+    server: XenStoreServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = bytes(range(256)) * 15  # replies that fill the socket while the guest reads none
     server.local.make_domain(7)
+    server.local.write("/local/domain/7/big", big)
+    host, guest = socket.socketpair()
+    host.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    reader, writer = await asyncio.open_connection(sock=host)
+    processed = 0
+    process = server.process
+
+    def counting(conn: Connection, packet: Packet) -> None:
+        nonlocal processed
+        processed += 1
+        process(conn, packet)
+
+    monkeypatch.setattr(server, "process", counting)
     conn = server.attach(7, reader, writer)
     g_reader, g_writer = await asyncio.open_connection(sock=guest)
     for i in range(200):  # the guest writes requests but reads no replies yet
-        g_writer.write(HDR.pack(READ, i, 0, 3) + b"x/\0")
+        g_writer.write(HDR.pack(READ, i, 0, 4) + b"big\0")
     await g_writer.drain()
-    await asyncio.sleep(0.2)
-    assert conn.queue.qsize() <= server.quotas.outstanding + 1
-    replies = 0
-    while replies < 200:  # now it reads: every request is answered, in order
+    # Paused for good: the replies it holds are the quota's, and the one being written
+    # waits for the guest to read.
+    _, high = writer.transport.get_write_buffer_limits()
+    await until("the server to stop reading", lambda: not conn.room.is_set()
+                and writer.transport.get_write_buffer_size() > high)  # fmt: skip
+    assert conn.queue.qsize() == server.quotas.outstanding
+    assert processed < 200  # the rest wait unread
+    for i in range(200):  # now it reads: every request is answered, in order
         _op, req, _tx, length = HDR.unpack(await g_reader.readexactly(16))
-        await g_reader.readexactly(length)
-        assert req == replies
-        replies += 1
+        assert (req, await g_reader.readexactly(length)) == (i, big)
+    assert processed == 200
 
 
 async def test_clone_inherits_subtree_and_pending_watch(server: XenStoreServer) -> None:
