@@ -22,6 +22,7 @@ are printed to the µs, so a difference of a µs or two in p50 is the resolution
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import shutil
@@ -95,10 +96,14 @@ def family_network(bed: Testbed) -> Pair:
     members = []
     for k, (host, peer) in enumerate(((h1, h2), (h2, h1)), start=1):
         net = fabric.FamilyFabric(FAMILY, host.address, host.netns)
-        net.create()
-        net.join(peer.address)
+        asyncio.run(net.create())
+        asyncio.run(net.join(peer.address))
+
+        def attach(tap: str, net: fabric.FamilyFabric = net) -> None:
+            asyncio.run(net.attach(tap))
+
         members.append(member(bed, host, f"f{k}", fabric.tap_name(FAMILY, k),
-                              identity.identity(FAMILY, k), net.attach))  # fmt: skip
+                              identity.identity(FAMILY, k), attach))  # fmt: skip
     return Pair("family", members[0], members[1], address(identity.identity(FAMILY, 2)))
 
 

@@ -18,6 +18,8 @@ from typing import Any
 from sflib.errors import UsageError
 from sflib.paths import BUILD_DIR, Paths
 
+LOOP_STALL_WARNING = 0.1  # seconds: a daemon's loop held up longer is logged (sflib.looplag)
+
 
 class PortList(tuple[int, ...]):
     """TCP ports, from "22,80" or a TOML list. Raises ValueError."""
@@ -197,6 +199,12 @@ SFLD_SETTINGS: tuple[Setting, ...] = (
         "Mbit/s each way between a family and the outside (0: no limit).",
         positive=False,
     ),
+    Setting(
+        "loop_stall_warning",
+        float,
+        lambda p: LOOP_STALL_WARNING,
+        "sfld logs a warning when its event loop is held up longer than this (seconds).",
+    ),
 )
 # fmt: on
 
@@ -283,5 +291,8 @@ MASTER_SETTINGS: tuple[Setting, ...] = (
             "The Slurm account ticket jobs are charged to (empty: the user's default)."),
     Setting("slurm_nodes", str, lambda p: "",
             "NODE=HOST,... for Slurm nodes not named after their sfld host."),
+    Setting("loop_stall_warning", float, lambda p: LOOP_STALL_WARNING,
+            "The master logs a warning when its event loop is held up longer than this "
+            "(seconds)."),
 )
 # fmt: on

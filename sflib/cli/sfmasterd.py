@@ -26,7 +26,8 @@ def _run(settings: dict[str, Any], ready_fd: int | None) -> None:
     secret = read_secret(Path(settings["secret_file"]))
     allocator = grants.make(settings)  # a bad slurm_nodes is refused before anything
     master = Master(open_registry(Path(settings["state_dir"])), settings["heartbeat"],
-                    settings["host_timeout"], allocator)  # fmt: skip
+                    settings["host_timeout"], allocator,
+                    settings["loop_stall_warning"])  # fmt: skip
     asyncio.run(_serve(master, settings["listen"], secret, ready_fd))
 
 

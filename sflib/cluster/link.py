@@ -5,6 +5,10 @@ The master may be down when sfld starts, or restart later: the link keeps trying
 registers again when the master has forgotten it, and meanwhile tickets fail with
 UnreachableError. Every heartbeat's reply names the hosts the master declared
 dead; the link hands them to on_dead.
+
+Heartbeats keep their beat whatever the host does: what a reply asks for (killing
+clones of a dead host or a revoked ticket, which stops VMs and takes their network
+down) runs in a task of its own, never in the heartbeat's.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from sflib.address import split_address
@@ -34,12 +39,13 @@ class ClusterLink:
         self.slots = slots
         self.address = ""
         self.heartbeat = RETRY
-        self.on_dead: Callable[[list[str]], Awaitable[None]] | None = None
+        self.on_dead: Callable[[list[str]], Coroutine[Any, Any, None]] | None = None
         # Tickets whose allocation ended outside SnowFlock (a Slurm job cancelled).
-        self.on_revoked: Callable[[list[str]], Awaitable[None]] | None = None
+        self.on_revoked: Callable[[list[str]], Coroutine[Any, Any, None]] | None = None
         self.dead: set[str] = set()
         self._server: asyncio.Server | None = None
         self._beating: asyncio.Task[None] | None = None
+        self._handling: set[asyncio.Task[None]] = set()  # what replies asked for
         self.registered = False
         self.is_registered = asyncio.Event()
         self.families: dict[int, str] = {}  # family networks of this host's VMs
@@ -54,10 +60,10 @@ class ClusterLink:
         self._beating = asyncio.create_task(self._beat(), name="heartbeat")
 
     async def close(self) -> None:
-        if self._beating is not None:
-            self._beating.cancel()
+        for task in [t for t in (self._beating, *self._handling) if t is not None]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._beating
+                await task
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -65,6 +71,7 @@ class ClusterLink:
     async def _beat(self) -> None:
         failing = False
         while True:
+            started = time.monotonic()
             try:
                 if not self.registered:
                     await self._register()
@@ -72,11 +79,11 @@ class ClusterLink:
                 if failing:
                     log.info("cluster: the master answers again")
                 failing = False
-                await self._note_dead(set(reply.get("dead", [])))
+                self._note_dead(set(reply.get("dead", [])))
                 revoked = [str(t) for t in reply.get("revoked", [])]
                 if revoked and self.on_revoked is not None:
                     log.warning("cluster: the master revoked tickets %s", ", ".join(revoked))
-                    await self.on_revoked(revoked)
+                    self._handle(self.on_revoked(revoked))
             except NotFoundError:
                 log.warning("cluster: the master forgot this host; registering again")
                 self.registered = False
@@ -86,7 +93,8 @@ class ClusterLink:
                 if not failing:
                     log.warning("cluster: cannot reach the master: %s", e)
                 failing = True
-            await asyncio.sleep(self.heartbeat)
+            # On the beat: the time the call took counts.
+            await asyncio.sleep(max(0.0, started + self.heartbeat - time.monotonic()))
 
     async def _register(self) -> None:
         reply = await self.master.call("register", host=self.host, address=self.address,
@@ -96,12 +104,24 @@ class ClusterLink:
         self.is_registered.set()
         log.info("cluster: registered at the master %s", self.master.address)
 
-    async def _note_dead(self, dead: set[str]) -> None:
+    def _note_dead(self, dead: set[str]) -> None:
         new = sorted(dead - self.dead)
         self.dead = dead
         if new and self.on_dead is not None:
             log.warning("cluster: the master declared dead: %s", ", ".join(new))
-            await self.on_dead(new)
+            self._handle(self.on_dead(new))
+
+    def _handle(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run what a heartbeat's reply asks for beside the heartbeats."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._handling.add(task)
+        task.add_done_callback(self._handled)
+
+    def _handled(self, task: asyncio.Task[None]) -> None:
+        self._handling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cluster: acting on the master's heartbeat reply failed: %s",
+                      task.exception(), exc_info=task.exception())  # fmt: skip
 
     # Tickets -----------------------------------------------------------------------
 

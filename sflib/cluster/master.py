@@ -21,6 +21,9 @@ learn of the death in their next heartbeat), and the owners of clones it ran rep
 those clones crashed; its family numbers are free again. When a host registers
 (again: a restarted sfld, or one declared dead too soon), the families it says it
 holds become the truth for it.
+
+Nothing holds the master's loop up (sflib.looplag watches it, and logs a stall
+past loop_stall_warning): Slurm's commands run in threads, SQLite's calls are small.
 """
 
 from __future__ import annotations
@@ -32,21 +35,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sflib import __version__
+from sflib import __version__, looplag
 from sflib.address import split_address
 from sflib.cluster import allocator, wire
 from sflib.cluster.grants import Allocator, EmbeddedAllocator, Holdings
 from sflib.cluster.registry import Registry, TicketRecord
 from sflib.errors import NotFoundError, SnowFlockError, UsageError
 from sflib.net import identity
+from sflib.settings import LOOP_STALL_WARNING
 
 log = logging.getLogger(__name__)
 
 
 class Master:
     def __init__(self, registry: Registry, heartbeat: float, host_timeout: float,
-                 grants: Allocator | None = None) -> None:  # fmt: skip
+                 grants: Allocator | None = None,
+                 loop_stall_warning: float = LOOP_STALL_WARNING) -> None:  # fmt: skip
         self.registry = registry
+        self.loop_stall_warning = loop_stall_warning
         self.heartbeat = heartbeat
         self.host_timeout = host_timeout
         self.grants = grants or EmbeddedAllocator()
@@ -55,6 +61,11 @@ class Master:
 
     async def run(self, listen: str, secret: bytes, stopping: asyncio.Event,
                   on_ready: Any = None) -> None:  # fmt: skip
+        async with looplag.watching(self.loop_stall_warning):
+            await self._run(listen, secret, stopping, on_ready)
+
+    async def _run(self, listen: str, secret: bytes, stopping: asyncio.Event,
+                   on_ready: Any) -> None:  # fmt: skip
         host, port = split_address(listen)
         server = await wire.serve(host, port, secret, self.dispatch)
         self.address = f"{host}:{server.sockets[0].getsockname()[1]}"

@@ -38,7 +38,8 @@ class CloneNetworks:
         self.here = here
         self.spans: dict[int, dict[str, str]] = {}  # family: {host: its sfld's address}
 
-    def plan(self, parent: VM, ticket: Ticket, ids: dict[str, list[int]]) -> dict[str, Any] | None:
+    async def plan(self, parent: VM, ticket: Ticket,
+                   ids: dict[str, list[int]]) -> dict[str, Any] | None:  # fmt: skip
         """ticket's clones' place on the parent's family network, as other hosts are
         told it; None if the parent has no card."""
         member = self.net.members.get(parent.machine.spec.name)
@@ -55,7 +56,7 @@ class CloneNetworks:
         earlier = {h: a for h, a in span.items() if h not in ids}
         span.update({h: ticket.addresses[h] for h in ids if h in ticket.addresses})
         peers = [split_address(address)[0] for address in span.values()]
-        self.net.connect(family, peers)
+        await self.net.connect(family, peers)
         if self.net.underlay:
             peers.append(self.net.underlay)
         if earlier and len(span) > len(earlier):

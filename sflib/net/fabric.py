@@ -14,6 +14,9 @@ Names carry the family number so that a restarted sfld can find and remove what 
 dead one left: sfb<F> (bridge), sfx<F> (VXLAN), sft<F>-<ID> (members' taps), table
 bridge sf_f<F>. netns runs the commands in that network namespace (the tests'
 hosts); None: in sfld's own.
+
+Every command is awaited (sflib.run.run_async): sfld's loop, and with it the
+host's heartbeats, goes on while ip, bridge and nft run.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class FamilyFabric:
     def vxlan(self) -> str:
         return vxlan_name(self.family)
 
-    def create(self) -> None:
+    async def create(self) -> None:
         """The bridge and the VXLAN device, up. Raises CommandFailed (nothing left)."""
         gateway = f"{identity.subnet(self.family).network_address + 1}/{identity.PREFIX}"
         commands = [f"link add {self.bridge} address {identity.gateway_mac(self.family)} "
@@ -98,11 +101,11 @@ class FamilyFabric:
         commands += [f"link set {self.bridge} up", f"addr add {gateway} dev {self.bridge}"]
         try:
             # One ip for all (a clone's first member on a host waits for this).
-            run.run(["ip", *run.netns_option(self.netns), "-batch", "-"], timeout=30,
-                    input="".join(f"{c}\n" for c in commands))  # fmt: skip
-            self._nft("-f", "-", input=isolation_rules(self.family))
+            await run.run_async(["ip", *run.netns_option(self.netns), "-batch", "-"], timeout=30,
+                                input="".join(f"{c}\n" for c in commands))  # fmt: skip
+            await self._nft("-f", "-", input=isolation_rules(self.family))
         except CommandFailed:
-            self.destroy()
+            await self.destroy()
             raise
         if self.underlay_ip is None:
             log.info("family %d: bridge %s", self.family, self.bridge)
@@ -110,74 +113,82 @@ class FamilyFabric:
             log.info("family %d: bridge %s, VXLAN %s (VNI %d)", self.family, self.bridge,
                      self.vxlan, identity.vni(self.family))  # fmt: skip
 
-    def join(self, peer_ip: str) -> None:
-        """Flood the family's broadcasts and unknown frames to another host too."""
+    async def join(self, peer_ip: str) -> None:
+        """Flood the family's broadcasts and unknown frames to another host too.
+        Raises CommandFailed."""
         if peer_ip in self.peers or peer_ip == self.underlay_ip or self.underlay_ip is None:
             return
-        self._bridge("fdb", "append", "00:00:00:00:00:00", "dev", self.vxlan, "dst", peer_ip)
-        self.peers.add(peer_ip)
+        self.peers.add(peer_ip)  # first: a second join of the same peer meanwhile is none
+        try:
+            await self._bridge("fdb", "append", "00:00:00:00:00:00", "dev", self.vxlan,
+                               "dst", peer_ip)  # fmt: skip
+        except BaseException:
+            self.peers.discard(peer_ip)
+            raise
 
-    def attach(self, ifname: str) -> None:
-        """Put an interface (a VM's tap) on the family's bridge."""
-        self._ip("link", "set", ifname, "master", self.bridge, "up")
+    async def attach(self, ifname: str) -> None:
+        """Put an interface (a VM's tap) on the family's bridge. Raises CommandFailed."""
+        await self._ip("link", "set", ifname, "master", self.bridge, "up")
 
-    def destroy(self) -> None:
+    async def destroy(self) -> None:
         """Remove the devices (attached taps fall off the bridge) and the table;
         never raises."""
         for dev in (self.vxlan, self.bridge):
-            if dev in links(self.netns):
+            if dev in await links(self.netns):
                 try:
-                    self._ip("link", "del", dev)
+                    await self._ip("link", "del", dev)
                 except CommandFailed as e:
                     log.warning("cannot remove %s: %s", dev, e)
-        if self.family in tables(self.netns):
+        if self.family in await tables(self.netns):
             try:
-                self._nft("delete", "table", "bridge", table_name(self.family))
+                await self._nft("delete", "table", "bridge", table_name(self.family))
             except CommandFailed as e:
                 log.warning("cannot remove table %s: %s", table_name(self.family), e)
         self.peers.clear()
 
-    def dropped(self) -> int:
+    async def dropped(self) -> int:
         """Frames the isolation rules dropped so far."""
-        out = run.run([*run.in_netns(self.netns), "nft", "-j", "list", "table", "bridge",
-                       table_name(self.family)], timeout=30)  # fmt: skip
+        out = await run.run_async([*run.in_netns(self.netns), "nft", "-j", "list", "table",
+                                   "bridge", table_name(self.family)], timeout=30)  # fmt: skip
         items = json.loads(out.stdout)["nftables"]
         return sum(e["counter"]["packets"] for item in items if "rule" in item
                    for e in item["rule"]["expr"] if "counter" in e)  # fmt: skip
 
-    def _ip(self, *argv: str) -> None:
-        run.run(["ip", *run.netns_option(self.netns), *argv], timeout=30)
+    async def _ip(self, *argv: str) -> None:
+        await run.run_async(["ip", *run.netns_option(self.netns), *argv], timeout=30)
 
-    def _bridge(self, *argv: str) -> None:
-        run.run(["bridge", *run.netns_option(self.netns), *argv], timeout=30)
+    async def _bridge(self, *argv: str) -> None:
+        await run.run_async(["bridge", *run.netns_option(self.netns), *argv], timeout=30)
 
-    def _nft(self, *argv: str, input: str | None = None) -> None:
-        run.run([*run.in_netns(self.netns), "nft", *argv], timeout=30, input=input)
+    async def _nft(self, *argv: str, input: str | None = None) -> None:
+        await run.run_async([*run.in_netns(self.netns), "nft", *argv], timeout=30, input=input)
 
 
-def links(netns: str | None = None) -> list[str]:
+async def links(netns: str | None = None) -> list[str]:
     """The names of the network interfaces (of netns)."""
-    out = run.run(["ip", *run.netns_option(netns), "-j", "link", "show"], timeout=30)
+    out = await run.run_async(["ip", *run.netns_option(netns), "-j", "link", "show"],
+                              timeout=30)  # fmt: skip
     return [str(link["ifname"]) for link in json.loads(out.stdout or "[]")]
 
 
-def tables(netns: str | None = None) -> list[int]:
+async def tables(netns: str | None = None) -> list[int]:
     """The families whose nftables tables are here."""
-    out = run.run([*run.in_netns(netns), "nft", "-j", "list", "tables", "bridge"], timeout=30)
+    out = await run.run_async([*run.in_netns(netns), "nft", "-j", "list", "tables", "bridge"],
+                              timeout=30)  # fmt: skip
     names = [i["table"]["name"] for i in json.loads(out.stdout or "{}").get("nftables", [])
              if "table" in i]  # fmt: skip
     return sorted(int(n[4:]) for n in names if re.fullmatch(r"sf_f\d+", n))
 
 
-def leftovers(netns: str | None = None) -> list[int]:
+async def leftovers(netns: str | None = None) -> list[int]:
     """The families whose devices or tables are here, made by this sfld or a dead one."""
-    found = {int(m.group(1)) for name in links(netns) if (m := _OURS.match(name))}
-    return sorted(found | set(tables(netns)))
+    found = {int(m.group(1)) for name in await links(netns) if (m := _OURS.match(name))}
+    return sorted(found | set(await tables(netns)))
 
 
-def remove_leftovers(underlay_ip: str | None, netns: str | None = None) -> list[int]:
+async def remove_leftovers(underlay_ip: str | None, netns: str | None = None) -> list[int]:
     """Remove every family network device a dead sfld left (at start-up)."""
-    found = leftovers(netns)
+    found = await leftovers(netns)
     for family in found:
-        FamilyFabric(family, underlay_ip, netns).destroy()
+        await FamilyFabric(family, underlay_ip, netns).destroy()
     return found

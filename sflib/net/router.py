@@ -37,6 +37,8 @@ restarted sfld finds and removes what a dead one left (leftovers()).
 With br_netfilter (built into some kernels, and bridge-nf-call-iptables on by
 default in every namespace), bridged frames cross the inet forward hook too, their
 input and output being the bridge: the rules let such traffic through untouched.
+
+Every command is awaited (sflib.run.run_async), so sfld's loop goes on meanwhile.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import ipaddress
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sflib import run
@@ -234,18 +236,18 @@ class FamilyRouter:
         self.router_here = router_here
         self.namespace = namespace_name(family, netns)
 
-    def create(self) -> None:
+    async def create(self) -> None:
         """Set the family's routing up. Raises CommandFailed (or another SnowFlockError
         from sflib.run), having removed whatever it made."""
         try:
             if self.policy.mode == DISTRIBUTED:
-                self._create_distributed()
+                await self._create_distributed()
             elif self.router_here:
-                self._create_router()
+                await self._create_router()
             else:
-                _nft(self.netns, host_rules(self.family, router_here=False))
+                await _nft(self.netns, host_rules(self.family, router_here=False))
         except SnowFlockError:
-            self.destroy()
+            await self.destroy()
             raise
         log.info("family %d: %s routing%s", self.family, self.policy.mode,
                  f" in namespace {self.namespace}" if self._runs_router else "")  # fmt: skip
@@ -254,140 +256,151 @@ class FamilyRouter:
     def _runs_router(self) -> bool:
         return self.policy.mode == CENTRAL and self.router_here
 
-    def _create_distributed(self) -> None:
+    async def _create_distributed(self) -> None:
         bridge = fabric.bridge_name(self.family)
-        _forwarding(self.netns)
-        _nft(self.netns, firewall_rules(self.family, self.policy))
+        await _forwarding(self.netns)
+        await _nft(self.netns, firewall_rules(self.family, self.policy))
         if self.policy.rate_mbit:
-            _tc(self.netns, shaper_argv(bridge, self.policy.rate_mbit))
+            await _tc(self.netns, shaper_argv(bridge, self.policy.rate_mbit))
 
-    def _create_router(self) -> None:
+    async def _create_router(self) -> None:
         host, router, f = self.netns, self.namespace, self.family
-        _nft(host, host_rules(f, router_here=True))  # the bridge is no gateway from now
-        self._plumb_router()
-        _forwarding(router)
-        _nft(router, firewall_rules(f, self.policy))
+        await _nft(host, host_rules(f, router_here=True))  # the bridge is no gateway from now
+        await self._plumb_router()
+        await _forwarding(router)
+        await _nft(router, firewall_rules(f, self.policy))
         if self.policy.rate_mbit:
-            _tc(router, shaper_argv(INSIDE, self.policy.rate_mbit))  # into the family
-            _tc(router, shaper_argv(UPLINK, self.policy.rate_mbit))  # out of it
-        _forwarding(host)
+            await _tc(router, shaper_argv(INSIDE, self.policy.rate_mbit))  # into the family
+            await _tc(router, shaper_argv(UPLINK, self.policy.rate_mbit))  # out of it
+        await _forwarding(host)
         for route in router_routes(f):
-            _ip(host, "route", "add", route, "via", uplink_addresses(f)[1], "dev",
-                uplink_name(f))  # fmt: skip
+            await _ip(host, "route", "add", route, "via", uplink_addresses(f)[1], "dev",
+                      uplink_name(f))  # fmt: skip
 
-    def _plumb_router(self) -> None:
+    async def _plumb_router(self) -> None:
         """The router's namespace, its veths to the bridge and to the host, their
-        addresses, and its default route."""
+        addresses, and its default route: one ip -batch on each side."""
         host, router, f = self.netns, self.namespace, self.family
-        run.run(["ip", "netns", "add", router], timeout=30)
-        _ip(router, "link", "set", "lo", "up")
-        _ip(host, "link", "add", inside_name(f), "type", "veth", "peer", "name", INSIDE,
-            "netns", router)  # fmt: skip
-        _ip(router, "link", "set", INSIDE, "address", identity.router_mac(f))
-        _ip(router, "addr", "add", f"{identity.router_ip(f)}/{identity.PREFIX}", "dev", INSIDE)
-        _ip(router, "link", "set", INSIDE, "up")
-        _ip(host, "link", "set", inside_name(f), "master", fabric.bridge_name(f), "up")
         host_ip, router_ip = uplink_addresses(f)
-        _ip(host, "link", "add", uplink_name(f), "type", "veth", "peer", "name", UPLINK,
-            "netns", router)  # fmt: skip
-        _ip(host, "addr", "add", f"{host_ip}/30", "dev", uplink_name(f))
-        _ip(host, "link", "set", uplink_name(f), "up")
-        _ip(router, "addr", "add", f"{router_ip}/30", "dev", UPLINK)
-        _ip(router, "link", "set", UPLINK, "up")
-        _ip(router, "route", "add", "default", "via", host_ip)
+        await run.run_async(["ip", "netns", "add", router], timeout=30)
+        await _ip_batch(host, [
+            f"link add {inside_name(f)} type veth peer name {INSIDE} netns {router}",
+            f"link set {inside_name(f)} master {fabric.bridge_name(f)} up",
+            f"link add {uplink_name(f)} type veth peer name {UPLINK} netns {router}",
+            f"addr add {host_ip}/30 dev {uplink_name(f)}",
+            f"link set {uplink_name(f)} up",
+        ])  # fmt: skip
+        await _ip_batch(router, [
+            "link set lo up",
+            f"link set {INSIDE} address {identity.router_mac(f)}",
+            f"addr add {identity.router_ip(f)}/{identity.PREFIX} dev {INSIDE}",
+            f"link set {INSIDE} up",
+            f"addr add {router_ip}/30 dev {UPLINK}",
+            f"link set {UPLINK} up",
+            f"route add default via {host_ip}",
+        ])  # fmt: skip
 
-    def destroy(self) -> None:
+    async def destroy(self) -> None:
         """Remove whatever of the family's routing is on this host, whichever mode
         made it (also a dead sfld's); never raises."""
         bridge, host = fabric.bridge_name(self.family), self.netns
-        _attempt(f"tc on {bridge}", lambda: _unshape(host, bridge))
+        await _attempt(f"tc on {bridge}", lambda: _unshape(host, bridge))
         for dev in (inside_name(self.family), uplink_name(self.family)):
             # A veth goes with either end, and the host's routes through it with it.
-            _attempt(dev, functools.partial(_remove_link, host, dev))
-        _attempt(self.namespace, lambda: _remove_namespace(self.namespace))
-        _attempt(table_name(self.family), lambda: _remove_table(host, self.family))
+            await _attempt(dev, functools.partial(_remove_link, host, dev))
+        await _attempt(self.namespace, lambda: _remove_namespace(self.namespace))
+        await _attempt(table_name(self.family), lambda: _remove_table(host, self.family))
 
 
-def leftovers(netns: str | None = None) -> list[int]:
+async def leftovers(netns: str | None = None) -> list[int]:
     """The families with routing pieces here (namespaces, devices, tables), made by
     this sfld or a dead one. Raises CommandFailed."""
     prefix = re.escape(f"{netns}-r" if netns else "sfr")
-    found = {int(m.group(1)) for name in namespaces()
+    found = {int(m.group(1)) for name in await namespaces()
              if (m := re.fullmatch(prefix + r"(\d+)", name))}  # fmt: skip
-    found |= {int(m.group(1)) for name in fabric.links(netns) if (m := _OURS.match(name))}
-    return sorted(found | set(tables(netns)))
+    found |= {int(m.group(1)) for name in await fabric.links(netns)
+              if (m := _OURS.match(name))}  # fmt: skip
+    return sorted(found | set(await tables(netns)))
 
 
-def remove_leftovers(netns: str | None = None) -> list[int]:
+async def remove_leftovers(netns: str | None = None) -> list[int]:
     """Remove every family's routing pieces (at start-up, after a crash); the
     families found. Raises CommandFailed if they cannot even be listed."""
-    found = leftovers(netns)
+    found = await leftovers(netns)
     for family in found:
         # The mode does not matter: destroy() removes whatever it finds.
-        FamilyRouter(family, RouterPolicy(CENTRAL), netns).destroy()
+        await FamilyRouter(family, RouterPolicy(CENTRAL), netns).destroy()
     return found
 
 
-def namespaces() -> list[str]:
+async def namespaces() -> list[str]:
     """The names of the machine's named network namespaces."""
-    out = run.run(["ip", "-j", "netns", "list"], timeout=30)
+    out = await run.run_async(["ip", "-j", "netns", "list"], timeout=30)
     return [str(ns["name"]) for ns in json.loads(out.stdout or "[]")]
 
 
-def tables(netns: str | None = None) -> list[int]:
+async def tables(netns: str | None = None) -> list[int]:
     """The families whose router tables are here."""
-    out = run.run([*run.in_netns(netns), "nft", "-j", "list", "tables", "inet"], timeout=30)
+    out = await run.run_async([*run.in_netns(netns), "nft", "-j", "list", "tables", "inet"],
+                              timeout=30)  # fmt: skip
     names = [i["table"]["name"] for i in json.loads(out.stdout or "{}").get("nftables", [])
              if "table" in i]  # fmt: skip
     return sorted(int(n[4:]) for n in names if re.fullmatch(r"sf_r\d+", n))
 
 
-def _unshape(netns: str | None, bridge: str) -> None:
-    if bridge not in fabric.links(netns):
+async def _unshape(netns: str | None, bridge: str) -> None:
+    if bridge not in await fabric.links(netns):
         return
-    out = run.run(
+    out = await run.run_async(
         ["tc", *run.netns_option(netns), "-j", "qdisc", "show", "dev", bridge], timeout=30
     )
     kinds = {q.get("kind") for q in json.loads(out.stdout or "[]")}
     if "tbf" in kinds:
-        _tc(netns, ["qdisc", "del", "dev", bridge, "root"])
+        await _tc(netns, ["qdisc", "del", "dev", bridge, "root"])
 
 
-def _remove_link(netns: str | None, dev: str) -> None:
-    if dev in fabric.links(netns):
-        _ip(netns, "link", "del", dev)
+async def _remove_link(netns: str | None, dev: str) -> None:
+    if dev in await fabric.links(netns):
+        await _ip(netns, "link", "del", dev)
 
 
-def _remove_namespace(name: str) -> None:
-    if name in namespaces():
-        run.run(["ip", "netns", "delete", name], timeout=30)
+async def _remove_namespace(name: str) -> None:
+    if name in await namespaces():
+        await run.run_async(["ip", "netns", "delete", name], timeout=30)
 
 
-def _remove_table(netns: str | None, family: int) -> None:
-    if family in tables(netns):
-        run.run([*run.in_netns(netns), "nft", "delete", "table", "inet", table_name(family)],
-                timeout=30)  # fmt: skip
+async def _remove_table(netns: str | None, family: int) -> None:
+    if family in await tables(netns):
+        await run.run_async([*run.in_netns(netns), "nft", "delete", "table", "inet",
+                             table_name(family)], timeout=30)  # fmt: skip
 
 
-def _attempt(what: str, action: Callable[[], None]) -> None:
+async def _attempt(what: str, action: Callable[[], Awaitable[None]]) -> None:
     try:
-        action()
+        await action()
     except (SnowFlockError, ValueError, KeyError) as e:  # (ValueError: unreadable JSON)
         log.warning("cannot remove %s: %s", what, e)
 
 
-def _forwarding(netns: str | None) -> None:
+async def _forwarding(netns: str | None) -> None:
     # /proc/sys/net is the opener's namespace's, so sysctl must run inside it.
-    run.run([*run.in_netns(netns), "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], timeout=30)
+    await run.run_async([*run.in_netns(netns), "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
+                        timeout=30)  # fmt: skip
 
 
-def _nft(netns: str | None, rules: str) -> None:
-    run.run([*run.in_netns(netns), "nft", "-f", "-"], timeout=30, input=rules)
+async def _nft(netns: str | None, rules: str) -> None:
+    await run.run_async([*run.in_netns(netns), "nft", "-f", "-"], timeout=30, input=rules)
 
 
-def _ip(netns: str | None, *argv: str) -> None:
-    run.run(["ip", *run.netns_option(netns), *argv], timeout=30)
+async def _ip_batch(netns: str | None, commands: list[str]) -> None:
+    """Several ip commands in one process; the first that fails ends it (CommandFailed)."""
+    await run.run_async(["ip", *run.netns_option(netns), "-batch", "-"], timeout=30,
+                        input="".join(f"{c}\n" for c in commands))  # fmt: skip
 
 
-def _tc(netns: str | None, argv: list[str]) -> None:
-    run.run(["tc", *run.netns_option(netns), *argv], timeout=30)
+async def _ip(netns: str | None, *argv: str) -> None:
+    await run.run_async(["ip", *run.netns_option(netns), *argv], timeout=30)
+
+
+async def _tc(netns: str | None, argv: list[str]) -> None:
+    await run.run_async(["tc", *run.netns_option(netns), *argv], timeout=30)

@@ -8,6 +8,10 @@ is unique there; else from this host alone) and is member 0; clone k is member k
 A family's pieces on a host exist while a member runs there: the first member
 brings them up, the last one's end takes them down. At start, whatever a dead sfld
 left (devices, tables, router namespaces) is removed first.
+
+The network commands are awaited, so a family's changes on a host take its lock:
+a member joining while the family's pieces are still being made (or removed)
+waits for them.
 """
 
 from __future__ import annotations
@@ -87,12 +91,16 @@ class FamilyNetworks:
         self.members: dict[str, Member] = {}  # by VM name
         self.local_numbers: dict[int, str] = {}  # alone: the numbers this host gave
         self._isolated = 0  # isolated taps made so far
+        self._locks: dict[int, asyncio.Lock] = {}  # by family number
 
-    def recover(self) -> None:
+    def _lock(self, number: int) -> asyncio.Lock:
+        return self._locks.setdefault(number, asyncio.Lock())
+
+    async def recover(self) -> None:
         """Remove what a dead sfld left. Raises SystemFailure."""
         try:
-            gone = sorted(set(router.remove_leftovers(self.netns))
-                          | set(fabric.remove_leftovers(None, self.netns)))  # fmt: skip
+            gone = sorted(set(await router.remove_leftovers(self.netns))
+                          | set(await fabric.remove_leftovers(None, self.netns)))  # fmt: skip
         except SnowFlockError as e:
             raise SystemFailure(f"cannot remove old family networks: {e}") from e
         self._stop_old_dhcp()
@@ -149,22 +157,29 @@ class FamilyNetworks:
         member = self.members[vm]
         if member.isolated:
             return
-        family = await self._family(member.me.family, parent_here)
-        try:
-            self.connect(member.me.family, peers or [])
-            family.fabric.attach(member.tap)
-        except CommandFailed as e:
-            raise SystemFailure(f"cannot attach {member.tap}: {e}") from e
-        family.members[member.me.clone_id] = member
-        self._leases_changed(family)
+        async with self._lock(member.me.family):
+            family = await self._family(member.me.family, parent_here)
+            try:
+                await self._connect(family, peers or [])
+                await family.fabric.attach(member.tap)
+            except CommandFailed as e:
+                raise SystemFailure(f"cannot attach {member.tap}: {e}") from e
+            family.members[member.me.clone_id] = member
+            self._leases_changed(family)
 
-    def connect(self, number: int, peers: list[str]) -> None:
-        """The family's network reaches these hosts (underlay addresses) too."""
-        family = self.families.get(number)
-        if family is None or self.underlay is None:
+    async def connect(self, number: int, peers: list[str]) -> None:
+        """The family's network reaches these hosts (underlay addresses) too. Raises
+        CommandFailed."""
+        async with self._lock(number):
+            family = self.families.get(number)
+            if family is not None:
+                await self._connect(family, peers)
+
+    async def _connect(self, family: FamilyHere, peers: list[str]) -> None:
+        if self.underlay is None:
             return
         for peer in peers:
-            family.fabric.join(peer)
+            await family.fabric.join(peer)
 
     async def leave(self, vm: str) -> None:
         """vm's tap goes; the family's network here with it if it was the last member."""
@@ -172,15 +187,18 @@ class FamilyNetworks:
         if member is None:
             return
         os.close(member.fd)  # the tap disappears with the last holder (QEMU is gone)
-        family = self.families.get(member.me.family)
-        if family is None or member.isolated:
+        if member.isolated:
             return
-        if family.members.get(member.me.clone_id) is member:
-            del family.members[member.me.clone_id]
-        if family.members:
-            self._leases_changed(family)
-        else:
-            await self._remove(family)
+        async with self._lock(member.me.family):
+            family = self.families.get(member.me.family)
+            if family is None:
+                return
+            if family.members.get(member.me.clone_id) is member:
+                del family.members[member.me.clone_id]
+            if family.members:
+                self._leases_changed(family)
+            else:
+                await self._remove(family)
 
     def published(self, vm: str) -> dict[str, Any] | None:
         """What a VM is told of its network identity (XenStore, hooks), if it has one."""
@@ -190,8 +208,10 @@ class FamilyNetworks:
     async def close(self) -> None:
         for vm in list(self.members):
             await self.leave(vm)
-        for family in list(self.families.values()):
-            await self._remove(family)
+        for number in list(self.families):
+            async with self._lock(number):
+                if number in self.families:
+                    await self._remove(self.families[number])
 
     def status(self) -> list[dict[str, Any]]:
         return [{"family": f.number, "bridge": f.fabric.bridge, "peers": sorted(f.fabric.peers),
@@ -207,8 +227,8 @@ class FamilyNetworks:
         here = router.FamilyRouter(number, self.policy, self.netns, router_here=parent_here)
         family = FamilyHere(number, net, here)
         try:
-            net.create()
-            here.create()
+            await net.create()
+            await here.create()
             family.dnsmasq = await self._dhcp(family)
         except SnowFlockError as e:
             await self._remove(family)
@@ -262,8 +282,8 @@ class FamilyNetworks:
             family.dhcp_watcher.cancel()
         if family.dnsmasq is not None:
             await run.terminate_async(family.dnsmasq)
-        family.router.destroy()
-        family.fabric.destroy()
+        await family.router.destroy()
+        await family.fabric.destroy()
         for path in self._files(family.number):
             path.unlink(missing_ok=True)
         for name in (f"dnsmasq-{family.number}.log", f"dnsmasq-{family.number}.pid"):

@@ -1,7 +1,8 @@
 """The whole of sfld: the host's XenStore, its VMs and the control socket.
 
 Runs in the foreground until SIGTERM or SIGINT, then stops every VM and removes
-its sockets. At start it first cleans up what a previous sfld left behind.
+its sockets. At start it first cleans up what a previous sfld left behind. No work
+holds its loop up (sflib.looplag watches it): what blocks runs in a thread.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from sflib import __version__
+from sflib import __version__, looplag
 from sflib.cluster.link import ClusterLink
 from sflib.cluster.wire import read_secret
 from sflib.errors import SystemFailure, UsageError, WrongStateError
@@ -54,20 +55,27 @@ class Daemon:
         return self.run_dir / "xenstored.sock"
 
     async def run(self, on_ready: Any = None) -> None:
-        self.accel = choose(Accel(self.settings["accel"]), self.settings["qemu"], self.kvm_probe)
+        async with looplag.watching(self.settings["loop_stall_warning"]):
+            await self._run(on_ready)
+
+    async def _run(self, on_ready: Any) -> None:
+        # The KVM probe runs QEMU for up to seconds, and the leftovers' cleanup
+        # (QEMUs, memtap mounts) is synchronous: both in a thread.
+        self.accel = await asyncio.to_thread(choose, Accel(self.settings["accel"]),
+                                             self.settings["qemu"], self.kvm_probe)  # fmt: skip
         log.info("accelerator: %s (%s)", self.accel.accel, self.accel.reason)
         self.vms = VMTable(self.settings, self.bus, self.accel.accel)
         try:
             self.vms.prepare()
         except OSError as e:
             raise SystemFailure(f"cannot create sfld's folders: {e}") from e
-        self.vms.recover()
+        await asyncio.to_thread(self.vms.recover)
         self.cluster = self._cluster_link()
         if self.settings["network"] == "family":
             self.vms.network = FamilyNetworks(self.settings, self.cluster)
-            self.vms.network.recover()
+            await self.vms.network.recover()
         self.memory = self._memory_service()
-        self.memory.recover()
+        await asyncio.to_thread(self.memory.recover)
         self.fork = ForkEngine(self.vms, self.settings["max_clones"],
                                Path(self.settings["state_dir"]), self.memory,
                                self.settings["clone_memory"] == "memtap", self.cluster)  # fmt: skip

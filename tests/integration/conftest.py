@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from sflib import run
+from sflib import looplag, run
 from sflib.cluster.testbed import Testbed
 from sflib.image import build as image
 from sflib.image.initramfs import default_compression
@@ -130,8 +131,8 @@ class Host:
         found += processes(f"build/(memserver|memtap) .*{self.memory_dir}( |/)")
         found += processes(f"dnsmasq .*{self.root}/")
         if self.netns is not None:
-            found += [f"family {f}" for f in fabric.leftovers(self.netns)]
-            found += [f"router {f}" for f in router.leftovers(self.netns)]
+            found += [f"family {f}" for f in asyncio.run(fabric.leftovers(self.netns))]
+            found += [f"router {f}" for f in asyncio.run(router.leftovers(self.netns))]
         return found
 
 
@@ -156,6 +157,7 @@ def running_host(guest_image: image.Result, *sfld_args: str) -> Iterator[Host]:
         if h.proc is not None:
             assert h.stop() == 0, h.log.read_text()
         assert h.leftovers() == []
+        assert_no_stalls(h.log)
     finally:
         if h.proc is not None:
             h.proc.kill()
@@ -164,6 +166,16 @@ def running_host(guest_image: image.Result, *sfld_args: str) -> Iterator[Host]:
         if h.netns is not None:
             subprocess.run(["ip", "netns", "delete", h.netns], check=False, timeout=30)
         shutil.rmtree(root, ignore_errors=True)
+
+
+STALL_LIMIT_MS = 1000  # a daemon's event loop held up longer fails the test
+
+
+def assert_no_stalls(*logs: Path) -> None:
+    """No daemon's event loop stalled for more than STALL_LIMIT_MS (sflib.looplag)."""
+    for log in logs:
+        worst = max(looplag.stalls(log.read_text(errors="replace")), default=0)
+        assert worst <= STALL_LIMIT_MS, f"{log}: event loop stalled {worst} ms"
 
 
 def _remove_leftovers(memory_dir: Path) -> None:
@@ -248,6 +260,7 @@ def running_cluster(guest_image: image.Result, n: int = 3, *sfld_args: str) -> I
             for daemon in bed.hosts:
                 assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
             assert cluster.leftovers() == []
+            assert_no_stalls(*(d.log for d in [*bed.hosts, bed.master]))
     finally:
         for i in range(1, n + 1):
             _remove_leftovers(Paths(workdir / f"h{i}").memory_dir)

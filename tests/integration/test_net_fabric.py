@@ -4,6 +4,7 @@ on veths attached to the bridges, addressed as sflib.net.identity says."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import tempfile
@@ -43,7 +44,7 @@ def guest(bed: Testbed, host: int, family: int, clone_id: int, net: fabric.Famil
     bed.namespaces.append(ns)  # removed with the test bed
     tap = fabric.tap_name(family, clone_id)
     ip("-n", h.netns, "link", "add", tap, "type", "veth", "peer", "name", "eth0", "netns", ns)
-    net.attach(tap)
+    asyncio.run(net.attach(tap))
     ip("-n", ns, "link", "set", "eth0", "address", me.mac)
     if address:
         ip("-n", ns, "addr", "add", me.ip, "dev", "eth0")
@@ -63,8 +64,8 @@ def test_a_family_spans_hosts_and_families_are_apart(bed: Testbed) -> None:
     for family in (7, 8):
         for host, peer in ((h1, h2), (h2, h1)):
             net = fabric.FamilyFabric(family, host.address, host.netns)
-            net.create()
-            net.join(peer.address)
+            asyncio.run(net.create())
+            asyncio.run(net.join(peer.address))
             nets[family, host.name] = net
     parent7 = guest(bed, 0, 7, 0, nets[7, "h1"])
     clone7 = guest(bed, 1, 7, 1, nets[7, "h2"])
@@ -74,19 +75,19 @@ def test_a_family_spans_hosts_and_families_are_apart(bed: Testbed) -> None:
     assert pings(parent7, identity(7, 1).ip.split("/")[0])
     assert not pings(clone8, parent_ip)  # another family: no way
     # A member that takes a MAC outside its family's range is cut off on its own host.
-    before = nets[7, "h2"].dropped()  # (the host bridge's own IPv6 chatter, kept in)
+    before = asyncio.run(nets[7, "h2"].dropped())  # (the host bridge's own IPv6 chatter, kept in)
     ip("-n", clone7, "link", "set", "eth0", "address", mac(8, 5))
     ip("-n", clone7, "neigh", "flush", "all")
     assert not pings(clone7, parent_ip)
-    assert nets[7, "h2"].dropped() > before
+    assert asyncio.run(nets[7, "h2"].dropped()) > before
     ip("-n", clone7, "link", "set", "eth0", "address", mac(7, 1))  # itself again
     assert pings(clone7, parent_ip)
-    assert fabric.leftovers(h1.netns) == [7, 8]
-    assert fabric.remove_leftovers(h1.address, h1.netns) == [7, 8]
+    assert asyncio.run(fabric.leftovers(h1.netns)) == [7, 8]
+    assert asyncio.run(fabric.remove_leftovers(h1.address, h1.netns)) == [7, 8]
     for net in nets.values():
-        net.destroy()
+        asyncio.run(net.destroy())
     for host in (h1, h2):
-        assert fabric.leftovers(host.netns) == []
+        assert asyncio.run(fabric.leftovers(host.netns)) == []
     out = subprocess.run(["ip", "-n", h1.netns, "-j", "link", "show", fabric.tap_name(7, 0)],
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert '"master"' not in out.stdout  # a VM's tap stays its own, off any bridge
@@ -108,8 +109,8 @@ def test_each_host_leases_its_own_members_their_ids_address(bed: Testbed) -> Non
         members = {0: (0,), 1: (1, 2)}  # host index: the member IDs it runs
         for i, host in enumerate(bed.hosts):
             net = fabric.FamilyFabric(7, host.address, host.netns)
-            net.create()
-            net.join(bed.hosts[1 - i].address)
+            asyncio.run(net.create())
+            asyncio.run(net.join(bed.hosts[1 - i].address))
             hosts = work / f"h{i}.hosts"
             hosts.write_text(dhcp.hosts_file(7, list(members[i])))
             argv = dhcp.dnsmasq_argv(7, hosts, work / f"h{i}.leases")

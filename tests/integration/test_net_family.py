@@ -5,6 +5,7 @@ are apart, and the router admits from the outside only what the policy says."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -110,19 +111,29 @@ def test_clones_take_their_ids_identity_before_they_talk(host: Host) -> None:
     for domid in clone_domains(host).values():
         host.xenstore("xenstore-write", f"/local/domain/{domid}/go", "1")
     host.tool("sf-vm", "stop", "fam")
-    wait_for("the family's network to go", lambda: not fabric.leftovers(host.netns))
-    assert router.leftovers(host.netns) == []
+    wait_for("the family's network to go", lambda: not networks_on(host))
+    assert routers_on(host) == []
+
+
+def networks_on(host: Host) -> list[int]:
+    """The families whose network pieces are on host."""
+    return asyncio.run(fabric.leftovers(host.netns))
+
+
+def routers_on(host: Host) -> list[int]:
+    """The families whose routing pieces are on host."""
+    return asyncio.run(router.leftovers(host.netns))
 
 
 def test_a_crashed_sflds_network_is_removed_when_it_starts_again(host: Host) -> None:
     boot(host, "fam", FAMILY)
     console(host, "fam")
-    assert fabric.leftovers(host.netns) == [1] and router.leftovers(host.netns) == [1]
+    assert networks_on(host) == [1] and routers_on(host) == [1]
     host.stop(signal.SIGKILL)
-    assert fabric.leftovers(host.netns) == [1]  # nobody removed them
+    assert networks_on(host) == [1]  # nobody removed them
     assert processes(f"dnsmasq .*{host.root}/")  # it outlives sfld
     host.start()
-    assert fabric.leftovers(host.netns) == [] and router.leftovers(host.netns) == []
+    assert networks_on(host) == [] and routers_on(host) == []
     assert "removed the networks of families 1" in host.log.read_text()
     assert not processes(f"dnsmasq .*{host.root}/")
 

@@ -6,6 +6,7 @@ small Python programs run inside the namespaces."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def guest(bed: Testbed, host: int, family: int, clone_id: int, net: fabric.Famil
     bed.namespaces.append(ns)  # removed with the test bed
     tap = fabric.tap_name(family, clone_id)
     ip("-n", h.netns, "link", "add", tap, "type", "veth", "peer", "name", "eth0", "netns", ns)
-    net.attach(tap)
+    asyncio.run(net.attach(tap))
     ip("-n", ns, "link", "set", "lo", "up")
     ip("-n", ns, "link", "set", "eth0", "address", me.mac)
     ip("-n", ns, "addr", "add", me.ip, "dev", "eth0")
@@ -159,7 +160,7 @@ def make_routers(bed: Testbed, policy: router.RouterPolicy) -> list[router.Famil
         router.FamilyRouter(7, policy, h2, router_here=policy.mode == "distributed"),
     ]
     for r in routers:
-        r.create()
+        asyncio.run(r.create())
     return routers
 
 
@@ -186,9 +187,9 @@ def families(request: pytest.FixtureRequest) -> Iterator[Families]:
             for host in hosts:
                 nets[family, host.name] = net = fabric.FamilyFabric(family, host.address,
                                                                     host.netns)  # fmt: skip
-                net.create()
+                asyncio.run(net.create())
                 for peer in hosts:
-                    net.join(peer.address)
+                    asyncio.run(net.join(peer.address))
         guests = {(7, 0): guest(bed, 0, 7, 0, nets[7, "h1"], central),
                   (7, 2): guest(bed, 0, 7, 2, nets[7, "h1"], central),
                   (7, 1): guest(bed, 1, 7, 1, nets[7, "h2"], central),
@@ -208,9 +209,9 @@ def families(request: pytest.FixtureRequest) -> Iterator[Families]:
                 proc.kill()
                 proc.wait()
             for host in bed.hosts:  # the router namespaces outlive the test bed's
-                router.remove_leftovers(host.netns)
+                asyncio.run(router.remove_leftovers(host.netns))
             for net in nets.values():
-                net.destroy()
+                asyncio.run(net.destroy())
     subprocess.run(["rm", "-rf", str(work)], check=True)
 
 
@@ -281,18 +282,19 @@ def test_nothing_is_left_after_destroy_or_a_crash(families: Families) -> None:
     h1, h2 = (h.netns for h in families.bed.hosts)
     expected = {h1: [7, 8], h2: [7]}
     for netns, found in expected.items():
-        assert router.leftovers(netns) == found
+        assert asyncio.run(router.leftovers(netns)) == found
     for r in families.routers:
-        r.destroy()
+        asyncio.run(r.destroy())
     for netns in expected:
-        assert router.leftovers(netns) == []
+        assert asyncio.run(router.leftovers(netns)) == []
         assert qdiscs(netns, fabric.bridge_name(7)) == {"noqueue"}
     assert not {router.namespace_name(f, h) for f in (7, 8) for h in expected} & set(
-        router.namespaces()
+        asyncio.run(router.namespaces())
     )
     # A crash: the routers are made again, and forgotten.
     make_routers(families.bed, families.routers[0].policy)
     for netns, found in expected.items():
-        assert router.remove_leftovers(netns) == found
-        assert router.leftovers(netns) == []
-    assert fabric.leftovers(h1) == [7, 8]  # the families' networks are not the router's
+        assert asyncio.run(router.remove_leftovers(netns)) == found
+        assert asyncio.run(router.leftovers(netns)) == []
+    # The families' networks are not the router's.
+    assert asyncio.run(fabric.leftovers(h1)) == [7, 8]
