@@ -3,8 +3,10 @@ from it, read it, look at the counters, unmount; and their errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -24,15 +26,41 @@ def built() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def started(argv: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    """A tool started with --ready-fd; it and the line it reported once ready."""
+READY_TIMEOUT = 60.0  # seconds for a tool to report it is ready
+
+
+@contextlib.contextmanager
+def started(argv: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A tool started with --ready-fd; yields it and the line it reported once ready.
+    Whatever happens, it is not left running: SIGTERM, then SIGKILL."""
     r, w = os.pipe()
     proc = subprocess.Popen([*argv, "--ready-fd", str(w)], pass_fds=[w], stderr=subprocess.PIPE)
     os.close(w)
-    with os.fdopen(r, "rb") as ready:
-        line = ready.readline()
-    assert line.endswith(b"\n"), proc.stderr.read().decode()  # type: ignore[union-attr]
-    return proc, line.decode().strip()
+    try:
+        with os.fdopen(r, "rb") as ready:
+            readable, _, _ = select.select([ready], [], [], READY_TIMEOUT)
+            line = ready.readline() if readable else b""
+        assert line.endswith(b"\n"), f"{argv[0]} not ready: {stderr_of(proc)}"
+        yield proc, line.decode().strip()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def stderr_of(proc: subprocess.Popen[bytes]) -> str:
+    """What a tool said, once it is stopped."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    assert proc.stderr is not None
+    return proc.stderr.read().decode(errors="replace")
 
 
 def tool(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -46,10 +74,8 @@ def server(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
     images.mkdir()
     data = os.urandom(64 * PAGE) + bytes(64 * PAGE)
     (images / "a.mem").write_bytes(data)
-    proc, port = started([str(BIN / "sf-memserver"), "serve", "--dir", str(images)])
-    try:
+    with started([str(BIN / "sf-memserver"), "serve", "--dir", str(images)]) as (proc, port):
         yield f"127.0.0.1:{port}", data
-    finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
 
@@ -58,22 +84,21 @@ def test_mount_read_look_and_unmount(server: tuple[str, bytes], tmp_path: Path) 
     address, data = server
     point = tmp_path / "tap"
     point.mkdir()  # as for mount(8), the folder must be there
-    tap, _ = started([str(BIN / "sf-memtap"), "mount", "--server", address, "--image", "a.mem",
-                      "--prefetch", "0", str(point)])  # fmt: skip
     try:
-        assert (point / "a.mem").read_bytes() == data
-        stats = json.loads(tool("sf-memtap", "stats", str(point), "--json").stdout)
-        assert stats["pages"] == 128 and stats["pages_fetched"] == 64  # the zero half: no data
-        listed = json.loads(tool("sf-memtap", "ls", "--json").stdout)
-        assert str(point) in [m["mountpoint"] for m in listed]
-        served = json.loads(tool("sf-memserver", "stats", address, "--json").stdout)
-        assert served["pages_sent"] == 64 and served["pages_zero"] == 64
-        assert "pages_fetched: 64" in tool("sf-memtap", "stats", str(point)).stdout
-        assert tool("sf-memtap", "umount", str(point)).returncode == 0
-        assert tap.wait(timeout=30) == 0  # memtap ends when its mount goes
-    finally:
-        if tap.poll() is None:
-            tap.kill()
+        with started([str(BIN / "sf-memtap"), "mount", "--server", address, "--image",
+                      "a.mem", "--prefetch", "0", str(point)]) as (tap, _):  # fmt: skip
+            assert (point / "a.mem").read_bytes() == data
+            stats = json.loads(tool("sf-memtap", "stats", str(point), "--json").stdout)
+            assert stats["pages"] == 128 and stats["pages_fetched"] == 64  # the zero half
+            listed = json.loads(tool("sf-memtap", "ls", "--json").stdout)
+            assert str(point) in [m["mountpoint"] for m in listed]
+            served = json.loads(tool("sf-memserver", "stats", address, "--json").stdout)
+            assert served["pages_sent"] == 64 and served["pages_zero"] == 64
+            assert "pages_fetched: 64" in tool("sf-memtap", "stats", str(point)).stdout
+            assert tool("sf-memtap", "umount", str(point)).returncode == 0
+            assert tap.wait(timeout=30) == 0  # memtap ends when its mount goes
+    finally:  # memtap is stopped by now; a mount it could not remove goes by force
+        if str(point) in Path("/proc/mounts").read_text():
             subprocess.run(["umount", "-l", str(point)], check=False)
     assert str(point) not in Path("/proc/mounts").read_text()
     assert not point.with_suffix(".cache").exists()
