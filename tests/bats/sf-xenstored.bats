@@ -6,7 +6,7 @@ load helpers
 
 setup() { setup_tmp; }
 teardown() {
-    [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null
+    [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
     teardown_tmp
 }
 

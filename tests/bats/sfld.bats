@@ -149,10 +149,13 @@ start_sfld() {
     [[ "$stderr" == *"cannot read the shared secret"* ]]
     head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/secret"
     sfmasterd --listen 127.0.0.1:0 --secret-file "$TMP/secret" --state-dir "$TMP/m" 2>"$TMP/log" &
-    pid=$!
-    for _ in $(seq 100); do grep -q "ready" "$TMP/log" && break; sleep 0.1; done
-    kill -TERM "$pid"
-    wait "$pid"
+    PID=$!
+    wait_for_line ready "$TMP/log"
+    kill -TERM "$PID"
+    wait "$PID"
+    status=$?
+    PID=
+    [ "$status" -eq 0 ]
     [ -f "$TMP/m/master.db" ]
 }
 
