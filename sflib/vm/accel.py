@@ -5,12 +5,17 @@ code but hangs as soon as a guest enters long mode, as a Linux kernel does while
 decompresses. So the probe boots build/kvm-probe.bin (c/kvm-probe.S), which walks
 from reset into 64-bit long mode with paging and then exits QEMU through the
 isa-debug-exit port; only that exit status proves KVM works.
+
+A probe that hangs is stopped at PROBE_TIMEOUT, and its QEMU is SIGKILLed by the
+kernel if sfld dies first, whatever kills it: a KVM guest stuck on such a host
+would otherwise spin at full CPU for ever, an orphan of init.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -51,9 +56,12 @@ def probe_kvm(qemu: str, probe_bios: Path) -> tuple[bool, str]:
     if not probe_bios.is_file():
         raise UsageError(f"KVM probe image {probe_bios} is missing", hint="run make c")
     try:
-        done = run(probe_argv(qemu, probe_bios), timeout=PROBE_TIMEOUT, check=False)
+        # SIGKILL: the probe has nothing to save, and a QEMU whose vCPU is stuck in
+        # KVM may take its time over SIGTERM.
+        done = run(probe_argv(qemu, probe_bios), timeout=PROBE_TIMEOUT, check=False,
+                   death_signal=signal.SIGKILL)  # fmt: skip
     except OperationTimeout:
-        return False, "a KVM guest did not reach long mode within 5 s"
+        return False, f"a KVM guest did not reach long mode within {PROBE_TIMEOUT:g} s"
     except SnowFlockError as e:
         return False, f"the probe could not run: {e}"
     if done.returncode == PROBE_EXIT:
