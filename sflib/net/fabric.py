@@ -15,7 +15,7 @@ dead one left: sfb<F> (bridge), sfx<F> (VXLAN), sft<F>-<ID> (members' taps), tab
 bridge sf_f<F>. netns runs the commands in that network namespace (the tests'
 hosts); None: in sfld's own.
 
-Every command is awaited (sflib.run.run_async): sfld's loop, and with it the
+Every command is awaited (sflib.net.commands): sfld's loop, and with it the
 host's heartbeats, goes on while ip, bridge and nft run.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from sflib import run
 from sflib.errors import CommandFailed
-from sflib.net import identity
+from sflib.net import commands, identity
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +92,21 @@ class FamilyFabric:
     async def create(self) -> None:
         """The bridge and the VXLAN device, up. Raises CommandFailed (nothing left)."""
         gateway = f"{identity.subnet(self.family).network_address + 1}/{identity.PREFIX}"
-        commands = [f"link add {self.bridge} address {identity.gateway_mac(self.family)} "
-                    "type bridge"]  # fmt: skip
+        batch = [f"link add {self.bridge} address {identity.gateway_mac(self.family)} "
+                 "type bridge"]  # fmt: skip
         if self.underlay_ip is not None:
-            commands += [f"link add {self.vxlan} type vxlan id {identity.vni(self.family)} "
-                         f"local {self.underlay_ip} dstport {VXLAN_PORT} nolearning",
-                         f"link set {self.vxlan} master {self.bridge} up"]  # fmt: skip
-        commands += [f"link set {self.bridge} up", f"addr add {gateway} dev {self.bridge}"]
+            batch += [f"link add {self.vxlan} type vxlan id {identity.vni(self.family)} "
+                      f"local {self.underlay_ip} dstport {VXLAN_PORT} nolearning",
+                      f"link set {self.vxlan} master {self.bridge} up"]  # fmt: skip
+        batch += [f"link set {self.bridge} up", f"addr add {gateway} dev {self.bridge}"]
         try:
-            # One ip for all (a clone's first member on a host waits for this).
-            await run.run_async(["ip", *run.netns_option(self.netns), "-batch", "-"], timeout=30,
-                                input="".join(f"{c}\n" for c in commands))  # fmt: skip
-            await self._nft("-f", "-", input=isolation_rules(self.family))
+            # One ip for all, beside nft (its rules name devices, need none): a clone's
+            # first member on a host waits for this.
+            await commands.together(
+                commands.run(["ip", *run.netns_option(self.netns), "-batch", "-"], timeout=30,
+                             input="".join(f"{c}\n" for c in batch)),
+                self._nft("-f", "-", input=isolation_rules(self.family)),
+            )  # fmt: skip
         except CommandFailed:
             await self.destroy()
             raise
@@ -133,8 +136,9 @@ class FamilyFabric:
     async def destroy(self) -> None:
         """Remove the devices (attached taps fall off the bridge) and the table;
         never raises."""
+        present = await links(self.netns)
         for dev in (self.vxlan, self.bridge):
-            if dev in await links(self.netns):
+            if dev in present:
                 try:
                     await self._ip("link", "del", dev)
                 except CommandFailed as e:
@@ -148,33 +152,33 @@ class FamilyFabric:
 
     async def dropped(self) -> int:
         """Frames the isolation rules dropped so far."""
-        out = await run.run_async([*run.in_netns(self.netns), "nft", "-j", "list", "table",
-                                   "bridge", table_name(self.family)], timeout=30)  # fmt: skip
+        out = await commands.run([*run.in_netns(self.netns), "nft", "-j", "list", "table",
+                                  "bridge", table_name(self.family)], timeout=30)  # fmt: skip
         items = json.loads(out.stdout)["nftables"]
         return sum(e["counter"]["packets"] for item in items if "rule" in item
                    for e in item["rule"]["expr"] if "counter" in e)  # fmt: skip
 
     async def _ip(self, *argv: str) -> None:
-        await run.run_async(["ip", *run.netns_option(self.netns), *argv], timeout=30)
+        await commands.run(["ip", *run.netns_option(self.netns), *argv], timeout=30)
 
     async def _bridge(self, *argv: str) -> None:
-        await run.run_async(["bridge", *run.netns_option(self.netns), *argv], timeout=30)
+        await commands.run(["bridge", *run.netns_option(self.netns), *argv], timeout=30)
 
     async def _nft(self, *argv: str, input: str | None = None) -> None:
-        await run.run_async([*run.in_netns(self.netns), "nft", *argv], timeout=30, input=input)
+        await commands.run([*run.in_netns(self.netns), "nft", *argv], timeout=30, input=input)
 
 
 async def links(netns: str | None = None) -> list[str]:
     """The names of the network interfaces (of netns)."""
-    out = await run.run_async(["ip", *run.netns_option(netns), "-j", "link", "show"],
-                              timeout=30)  # fmt: skip
+    out = await commands.run(["ip", *run.netns_option(netns), "-j", "link", "show"],
+                             timeout=30)  # fmt: skip
     return [str(link["ifname"]) for link in json.loads(out.stdout or "[]")]
 
 
 async def tables(netns: str | None = None) -> list[int]:
     """The families whose nftables tables are here."""
-    out = await run.run_async([*run.in_netns(netns), "nft", "-j", "list", "tables", "bridge"],
-                              timeout=30)  # fmt: skip
+    out = await commands.run([*run.in_netns(netns), "nft", "-j", "list", "tables", "bridge"],
+                             timeout=30)  # fmt: skip
     names = [i["table"]["name"] for i in json.loads(out.stdout or "{}").get("nftables", [])
              if "table" in i]  # fmt: skip
     return sorted(int(n[4:]) for n in names if re.fullmatch(r"sf_f\d+", n))

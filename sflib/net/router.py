@@ -38,7 +38,7 @@ With br_netfilter (built into some kernels, and bridge-nf-call-iptables on by
 default in every namespace), bridged frames cross the inet forward hook too, their
 input and output being the bridge: the rules let such traffic through untouched.
 
-Every command is awaited (sflib.run.run_async), so sfld's loop goes on meanwhile.
+Every command is awaited (sflib.net.commands), so sfld's loop goes on meanwhile.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 from sflib import run
 from sflib.errors import SnowFlockError, UsageError
-from sflib.net import fabric, identity
+from sflib.net import commands, fabric, identity
 
 log = logging.getLogger(__name__)
 
@@ -257,32 +257,33 @@ class FamilyRouter:
         return self.policy.mode == CENTRAL and self.router_here
 
     async def _create_distributed(self) -> None:
-        bridge = fabric.bridge_name(self.family)
-        await _forwarding(self.netns)
-        await _nft(self.netns, firewall_rules(self.family, self.policy))
-        if self.policy.rate_mbit:
-            await _tc(self.netns, shaper_argv(bridge, self.policy.rate_mbit))
+        # At once: no member is on the bridge yet, so no packet sees them half made.
+        bridge, rate = fabric.bridge_name(self.family), self.policy.rate_mbit
+        await commands.together(
+            _forwarding(self.netns),
+            _nft(self.netns, firewall_rules(self.family, self.policy)),
+            *([_tc(self.netns, shaper_argv(bridge, rate))] if rate else []),
+        )
 
     async def _create_router(self) -> None:
         host, router, f = self.netns, self.namespace, self.family
         await _nft(host, host_rules(f, router_here=True))  # the bridge is no gateway from now
         await self._plumb_router()
-        await _forwarding(router)
-        await _nft(router, firewall_rules(f, self.policy))
-        if self.policy.rate_mbit:
-            await _tc(router, shaper_argv(INSIDE, self.policy.rate_mbit))  # into the family
-            await _tc(router, shaper_argv(UPLINK, self.policy.rate_mbit))  # out of it
-        await _forwarding(host)
-        for route in router_routes(f):
-            await _ip(host, "route", "add", route, "via", uplink_addresses(f)[1], "dev",
-                      uplink_name(f))  # fmt: skip
+        # The rest at once: no member is on the bridge yet, so no packet sees it half made.
+        routes = [f"route add {r} via {uplink_addresses(f)[1]} dev {uplink_name(f)}"
+                  for r in router_routes(f)]  # fmt: skip
+        steps = [_forwarding(router), _nft(router, firewall_rules(f, self.policy)),
+                 _forwarding(host), _ip_batch(host, routes)]  # fmt: skip
+        if rate := self.policy.rate_mbit:  # into the family, and out of it
+            steps += [_tc(router, shaper_argv(dev, rate)) for dev in (INSIDE, UPLINK)]
+        await commands.together(*steps)
 
     async def _plumb_router(self) -> None:
         """The router's namespace, its veths to the bridge and to the host, their
         addresses, and its default route: one ip -batch on each side."""
         host, router, f = self.netns, self.namespace, self.family
         host_ip, router_ip = uplink_addresses(f)
-        await run.run_async(["ip", "netns", "add", router], timeout=30)
+        await commands.run(["ip", "netns", "add", router], timeout=30)
         await _ip_batch(host, [
             f"link add {inside_name(f)} type veth peer name {INSIDE} netns {router}",
             f"link set {inside_name(f)} master {fabric.bridge_name(f)} up",
@@ -335,14 +336,14 @@ async def remove_leftovers(netns: str | None = None) -> list[int]:
 
 async def namespaces() -> list[str]:
     """The names of the machine's named network namespaces."""
-    out = await run.run_async(["ip", "-j", "netns", "list"], timeout=30)
+    out = await commands.run(["ip", "-j", "netns", "list"], timeout=30)
     return [str(ns["name"]) for ns in json.loads(out.stdout or "[]")]
 
 
 async def tables(netns: str | None = None) -> list[int]:
     """The families whose router tables are here."""
-    out = await run.run_async([*run.in_netns(netns), "nft", "-j", "list", "tables", "inet"],
-                              timeout=30)  # fmt: skip
+    out = await commands.run([*run.in_netns(netns), "nft", "-j", "list", "tables", "inet"],
+                             timeout=30)  # fmt: skip
     names = [i["table"]["name"] for i in json.loads(out.stdout or "{}").get("nftables", [])
              if "table" in i]  # fmt: skip
     return sorted(int(n[4:]) for n in names if re.fullmatch(r"sf_r\d+", n))
@@ -351,7 +352,7 @@ async def tables(netns: str | None = None) -> list[int]:
 async def _unshape(netns: str | None, bridge: str) -> None:
     if bridge not in await fabric.links(netns):
         return
-    out = await run.run_async(
+    out = await commands.run(
         ["tc", *run.netns_option(netns), "-j", "qdisc", "show", "dev", bridge], timeout=30
     )
     kinds = {q.get("kind") for q in json.loads(out.stdout or "[]")}
@@ -366,13 +367,13 @@ async def _remove_link(netns: str | None, dev: str) -> None:
 
 async def _remove_namespace(name: str) -> None:
     if name in await namespaces():
-        await run.run_async(["ip", "netns", "delete", name], timeout=30)
+        await commands.run(["ip", "netns", "delete", name], timeout=30)
 
 
 async def _remove_table(netns: str | None, family: int) -> None:
     if family in await tables(netns):
-        await run.run_async([*run.in_netns(netns), "nft", "delete", "table", "inet",
-                             table_name(family)], timeout=30)  # fmt: skip
+        await commands.run([*run.in_netns(netns), "nft", "delete", "table", "inet",
+                            table_name(family)], timeout=30)  # fmt: skip
 
 
 async def _attempt(what: str, action: Callable[[], Awaitable[None]]) -> None:
@@ -384,23 +385,23 @@ async def _attempt(what: str, action: Callable[[], Awaitable[None]]) -> None:
 
 async def _forwarding(netns: str | None) -> None:
     # /proc/sys/net is the opener's namespace's, so sysctl must run inside it.
-    await run.run_async([*run.in_netns(netns), "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
-                        timeout=30)  # fmt: skip
+    await commands.run([*run.in_netns(netns), "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
+                       timeout=30)  # fmt: skip
 
 
 async def _nft(netns: str | None, rules: str) -> None:
-    await run.run_async([*run.in_netns(netns), "nft", "-f", "-"], timeout=30, input=rules)
+    await commands.run([*run.in_netns(netns), "nft", "-f", "-"], timeout=30, input=rules)
 
 
-async def _ip_batch(netns: str | None, commands: list[str]) -> None:
+async def _ip_batch(netns: str | None, batch: list[str]) -> None:
     """Several ip commands in one process; the first that fails ends it (CommandFailed)."""
-    await run.run_async(["ip", *run.netns_option(netns), "-batch", "-"], timeout=30,
-                        input="".join(f"{c}\n" for c in commands))  # fmt: skip
+    await commands.run(["ip", *run.netns_option(netns), "-batch", "-"], timeout=30,
+                       input="".join(f"{c}\n" for c in batch))  # fmt: skip
 
 
 async def _ip(netns: str | None, *argv: str) -> None:
-    await run.run_async(["ip", *run.netns_option(netns), *argv], timeout=30)
+    await commands.run(["ip", *run.netns_option(netns), *argv], timeout=30)
 
 
 async def _tc(netns: str | None, argv: list[str]) -> None:
-    await run.run_async(["tc", *run.netns_option(netns), *argv], timeout=30)
+    await commands.run(["tc", *run.netns_option(netns), *argv], timeout=30)
