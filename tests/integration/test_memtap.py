@@ -69,6 +69,7 @@ class FakeServer:
     freemaps: int = 0  # FREEMAP requests answered with the map
     connections: int = 0
     silent: threading.Event = field(default_factory=threading.Event)
+    held: threading.Event = field(default_factory=threading.Event)  # a request, by silent
     corrupt: bool = False  # READ replies name the wrong offset, FREEMAP's a wrong size
     stopped: threading.Event = field(default_factory=threading.Event)
 
@@ -126,6 +127,7 @@ class FakeServer:
                     if request.op in (Op.HELLO, Op.OPEN):
                         payload = recv_exact(conn, request.length) or b""
                     while self.silent.is_set():  # holds the request, keeps the connection
+                        self.held.set()
                         if self.stopped.wait(0.05):
                             return
                     if self.stopped.is_set():
@@ -459,7 +461,9 @@ def test_prefetch_extends_a_fetch_and_is_clipped(
     with opened(tap.file, random_access=True) as fd:
         assert pread_page(fd, 10) == source[10 * PAGE : 11 * PAGE]
         assert server.reads == [(10, 9)]
+        assert tap.stats()["cache_hits"] == 0
         assert pread_page(fd, 14) == source[14 * PAGE : 15 * PAGE]  # prefetched
+        assert tap.stats()["cache_hits"] == 1  # memtap answered from its cache
         assert pread_page(fd, 60) == source[60 * PAGE : 61 * PAGE]
         assert server.reads == [(10, 9), (60, 4)]  # up to the image's end
         # Missing 8, 9 and 19 on, cached between: the cached pages are not fetched
@@ -468,8 +472,9 @@ def test_prefetch_extends_a_fetch_and_is_clipped(
         assert pread_page(fd, 8, 12) == source[8 * PAGE : 20 * PAGE]
         fetched = [p for first, n in server.reads[2:] for p in range(first, first + n)]
         assert sorted(fetched) == [8, 9, *range(19, 28)]  # 19 and the 8 pages after it
-    # With readahead off the kernel asks one page at a time: 14, then 9 to 18.
-    assert tap.stats()["cache_hits"] == 11
+    # How many reads the kernel makes of the range is its own business; some of them
+    # were of the pages memtap had, and those it answered from its cache.
+    assert tap.stats()["cache_hits"] > 1
     assert tap.stop() == 0
 
 
@@ -609,13 +614,19 @@ def expect_eio(fd: int, page: int) -> float:
     return time.monotonic() - start
 
 
-def check_degraded(tap: Tap, source: bytes, fd: int) -> None:
-    """Cached pages still read, others fail at once, .stats tells, a clean stop."""
+def check_degraded(tap: Tap, server: FakeServer, source: bytes, fd: int) -> None:
+    """Cached pages still read, others fail without asking the server (known dead),
+    .stats tells, a clean stop."""
     assert pread_page(fd, 0, 4) == source[: 4 * PAGE]
-    assert expect_eio(fd, 50) < 0.5  # the server is known dead: no new attempt
+    before = tap.stats()
+    assert before["server_alive"] is False
+    connections, said = server.connections, tap.output()
+    expect_eio(fd, 50)
     stats = tap.stats()
-    assert stats["server_alive"] is False
-    assert stats["errors"] >= 2
+    assert stats["requests"] == before["requests"]  # no READ sent
+    assert server.connections == connections  # no connection tried (while it listens)
+    assert tap.output() == said  # nor a reconnection attempted
+    assert stats["errors"] > before["errors"] >= 1
     assert tap.proc.poll() is None
     assert tap.stop() == 0
     assert not mounted(tap.mountpoint)
@@ -625,13 +636,13 @@ def test_a_dead_server_fails_uncached_reads_at_once(
     server: FakeServer, images: Path, mount: Mount
 ) -> None:
     source = make_image(images, 64)
-    tap = mount(server, "--prefetch", "3", "--timeout", "5")
+    tap = mount(server, "--prefetch", "3", "--timeout", "20")
     with opened(tap.file, random_access=True) as fd:
         assert pread_page(fd, 0) == source[:PAGE]  # pages 0-3
         server.die()
-        assert expect_eio(fd, 30) < 2.0  # well under the timeout
+        assert expect_eio(fd, 30) < 10  # no timeout waited for
         assert "lost the memory server" in tap.output()
-        check_degraded(tap, source, fd)
+        check_degraded(tap, server, source, fd)
     assert server.connections == 1
 
 
@@ -643,10 +654,11 @@ def test_a_silent_server_fails_uncached_reads_after_the_timeout(
     with opened(tap.file, random_access=True) as fd:
         assert pread_page(fd, 0) == source[:PAGE]
         server.silent.set()
-        # The request times out, then the reconnection's HELLO: twice the timeout.
-        assert 1.5 < expect_eio(fd, 30) < 2 * 2 + 1.5
+        # The request times out, then the reconnection's HELLO: twice the timeout, and
+        # not a third time.
+        assert 1.5 * 2 < expect_eio(fd, 30) < 3 * 2
         assert "no answer within the timeout" in tap.output()
-        check_degraded(tap, source, fd)
+        check_degraded(tap, server, source, fd)
     assert server.connections == 2  # it did try once more
 
 
@@ -669,14 +681,23 @@ def test_a_server_breaking_the_protocol_is_given_up(
     server: FakeServer, images: Path, mount: Mount
 ) -> None:
     source = make_image(images, 64)
-    tap = mount(server, "--prefetch", "3")
+    tap = mount(server, "--prefetch", "3", "--timeout", "20")
     with opened(tap.file, random_access=True) as fd:
         assert pread_page(fd, 0) == source[:PAGE]
         server.corrupt = True
-        assert expect_eio(fd, 30) < 2.0  # never wrong data
+        assert expect_eio(fd, 30) < 10  # never wrong data, and no timeout waited for
         assert "Protocol error" in tap.output()
         assert server.connections == 2  # reopened once, wrong again: dead
-        check_degraded(tap, source, fd)
+        check_degraded(tap, server, source, fd)
+
+
+SYS_RECVFROM = 45  # x86-64, which recv(2) calls
+
+
+def waiting_for_the_server(pid: int) -> bool:
+    """Whether memtap is blocked in a recv (the server's socket is the only one it
+    receives from)."""
+    return Path(f"/proc/{pid}/syscall").read_text().split()[0] == str(SYS_RECVFROM)
 
 
 def test_sigterm_during_a_fetch_stops_at_once(
@@ -696,10 +717,17 @@ def test_sigterm_during_a_fetch_stops_at_once(
 
     reader = threading.Thread(target=read)
     reader.start()
-    time.sleep(0.5)  # memtap waits for the server's answer
+    assert server.held.wait(20), "memtap's READ never reached the server"
+    assert server.reads == []  # in flight
+    # Signalled once blocked on the answer. (A SIGTERM that comes between the request's
+    # send and that recv is only seen at the timeout: memtap's own race, not tested.)
+    deadline = time.monotonic() + 20
+    while not waiting_for_the_server(tap.proc.pid):
+        assert time.monotonic() < deadline, "memtap does not wait for the answer"
+        time.sleep(0.005)
     start = time.monotonic()
     assert tap.stop() == 0
-    assert time.monotonic() - start < 3.0  # not the 20 s timeout
+    assert time.monotonic() - start < 10  # not the 20 s timeout
     reader.join(5)
     with contextlib.suppress(OSError):  # ENOTCONN: the file system is gone
         os.close(fd)
