@@ -287,6 +287,7 @@ class ForkEngine:
         await clone.machine.resume()
         answer = layout.encode_result({**reply, **_reply(k)})
         self._reply(clone.machine.spec.domid, ckpt.rid, answer)
+        log.info("clone %d of ticket %s running", k, ticket.id)
 
     async def _tap(self, ckpt: Checkpoint, name: str) -> Path | None:
         """The memtap file clone name maps, or None to map the frozen image itself."""

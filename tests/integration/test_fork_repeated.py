@@ -1,0 +1,219 @@
+"""Fork as a primitive, on real VMs (TCG): the same VM forks again and again, on one
+host and across hosts, with tickets that overlap, and every clone of every fork
+sees exactly its parent's memory at that fork and random numbers of its own."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sflib.image import build as image
+from sflib.image.overlay import overlay
+from tests.integration.conftest import Cluster, Host, boot, console, running_cluster
+
+pytestmark = pytest.mark.vm
+
+# Each round the parent writes new data, so each fork's memory differs from the
+# last; each clone reports what it sees. sf-clone's avoidance is on (the default).
+ROUNDS = """
+for r in 1 2 3 4 5; do
+  dd if=/dev/urandom of=/tmp/s$r bs=1M count=2 2>/dev/null
+  h=$(cat /tmp/s* | sha256sum | cut -c1-16)
+  t=$(sf-ticket 2)
+  id=$(sf-clone "$t")
+  if [ "$id" = 0 ]; then
+    sf-join "$t" >/dev/null; echo "JOIN $r rc=$?"
+    for k in 1 2; do echo "SEEN $r $k $(sf-share get "$t" $k s) WANT $h"; done
+  else
+    cat /tmp/s* | sha256sum | cut -c1-16 | sf-share put s
+    sf-exit 0
+  fi
+done
+echo SF-DONE
+"""
+
+
+def test_five_forks_in_a_row_each_see_the_memory_at_their_fork(host: Host) -> None:
+    boot(host, "rounds", ROUNDS)
+    out = console(host, "rounds", timeout=600)
+    for r in range(1, 6):
+        assert f"JOIN {r} rc=0" in out
+        for k in (1, 2):
+            seen = re.search(rf"^SEEN {r} {k} (\w*) WANT (\w+)$", out, re.M)
+            assert seen, f"round {r} clone {k}: {out[-2000:]}"
+            assert seen.group(1) == seen.group(2), f"round {r}: clone {k} saw other memory"
+    log = host.log.read_text()
+    assert len(re.findall(r"rounds paused [\d.]+ ms", log)) == 5
+    # Joined clones are gone, so every later fork updated the one image in place.
+    assert "copying memory image" not in log
+    images = list(host.memory_dir.glob("*.mem"))
+    assert len(images) == 1, images
+    # Sparse: the image holds what the guest touched, not 5 forks' worth of RAM.
+    assert images[0].stat().st_blocks * 512 < 256 << 20
+
+
+OVERLAP = """\
+import hashlib, json, os, subprocess, sys, time
+from sflib.fork import api
+
+def write(size, offset):
+    with open("/tmp/state", "r+b" if offset else "wb") as f:
+        f.seek(offset)
+        f.write(os.urandom(size))
+    return seen()
+
+def seen():
+    with open("/tmp/state", "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+def share(value):
+    subprocess.run(["sf-share", "put", "h"], input=value.encode(), check=True)
+
+def shared(ticket, k):
+    for _ in range(600):
+        got = subprocess.run(["sf-share", "get", ticket, str(k), "h"], capture_output=True)
+        if got.returncode == 0:
+            return got.stdout.decode()
+        time.sleep(0.5)
+    return "none"
+
+n1 = int(sys.argv[1])
+want1 = write(4 << 20, 0)
+t1, t2 = api.request_ticket(n1), api.request_ticket(2)
+if api.clone(t1.id, avoidance=False):  # a clone of the first fork runs on
+    share(seen())
+    while True:
+        time.sleep(3600)
+# At once: the first fork's clones are still starting, and run while this one forks.
+want2 = write(256 << 10, 1 << 20)
+if api.clone(t2.id, avoidance=False):
+    share(seen())
+    api.exit(0)
+print("WANT", want1, want2, t1.granted, flush=True)
+joined = api.join(t2.id)
+print("JOIN2", json.dumps({k: c["state"] for k, c in joined["clones"].items()}), flush=True)
+for k in range(1, t2.granted + 1):
+    print("SEEN2", k, shared(t2.id, k), flush=True)
+for k in range(1, t1.granted + 1):
+    print("SEEN1", k, shared(t1.id, k), flush=True)
+killed = api.kill(t1.id)
+print("KILL1", json.dumps({k: c["state"] for k, c in killed["clones"].items()}), flush=True)
+print("SF-DONE", flush=True)
+"""
+
+
+def overlapping_forks(host: Host, image: Path, n1: int) -> str:
+    host.vm_json("run", "--name", "over", "--image", str(image), "--memory", "256",
+                 "--append", f'sf.run="python3 /root/overlap.py {n1}; sleep 100000"',
+                 "--wait-ready")  # fmt: skip
+    out = console(host, "over", timeout=600)
+    want = re.search(r"^WANT (\w+) (\w+) (\d+)$", out, re.M)
+    assert want, out[-3000:]
+    want1, want2, granted1 = want.group(1), want.group(2), int(want.group(3))
+    assert granted1 == n1
+    assert re.search(r'^JOIN2 \{"1": "exited", "2": "exited"\}$', out, re.M), out[-3000:]
+    for k in (1, 2):
+        assert f"SEEN2 {k} {want2}" in out, f"clone {k} of the second fork: {out[-3000:]}"
+    for k in range(1, n1 + 1):
+        assert f"SEEN1 {k} {want1}" in out, f"clone {k} of the first fork: {out[-3000:]}"
+    killed = json.loads(re.search(r"^KILL1 (.*)$", out, re.M).group(1))  # type: ignore[union-attr]
+    assert set(killed.values()) == {"killed"} and len(killed) == n1
+    return out
+
+
+def first_fork_still_starting(log: str) -> bool:
+    """Whether the second checkpoint came before the first fork's last clone ran."""
+    pauses = [m.start() for m in re.finditer(r"over paused [\d.]+ ms for checkpoint", log)]
+    first_ticket = re.search(r"over: clone \{'ticket': '([\w-]+)'", log)
+    assert len(pauses) == 2 and first_ticket, log[-3000:]
+    ticket = re.escape(first_ticket.group(1))
+    started = rf"(clone \d+ of ticket {ticket} running|ticket {ticket}: clones .* running on)"
+    running = [m.start() for m in re.finditer(started, log)]
+    return bool(running) and pauses[1] < max(running)
+
+
+@pytest.fixture
+def overlap_image(guest_image: image.Result, tmp_path: Path) -> Path:
+    return overlay(guest_image.out, tmp_path / "image",
+                   {"/root/overlap.py": (OVERLAP.encode(), 0o644)})  # fmt: skip
+
+
+def test_a_fork_while_the_last_ones_clones_start_and_run(host: Host, overlap_image: Path) -> None:
+    overlapping_forks(host, overlap_image, n1=6)
+    log = host.log.read_text()
+    assert first_fork_still_starting(log), "the second fork came too late to overlap"
+    # The first fork's clones still mapped its image: the second one is a copy.
+    assert "over: copying memory image" in log
+
+
+def test_overlapping_forks_across_hosts(guest_image: image.Result, overlap_image: Path) -> None:
+    with running_cluster(guest_image, 3) as cluster:
+        h1 = cluster.hosts[0]
+        overlapping_forks(h1, overlap_image, n1=6)
+        log = h1.log.read_text()
+        assert first_fork_still_starting(log), "the second fork came too late to overlap"
+        assert _hosts_of_clones(cluster) == {"h1", "h2", "h3"}
+
+
+# A parent up for more than 2 minutes: its kernel no longer reseeds its RNG on its
+# own every few seconds, so only the fork's new generation ID (and sf-clone's seed)
+# tells its members apart. Each member reads 16 bytes right after sf-clone, and
+# counts the reseeds its kernel logged for a VM fork.
+ENTROPY = """
+tr -d - </proc/sys/kernel/random/uuid >/etc/machine-id
+while [ "$(cut -d. -f1 /proc/uptime)" -lt 130 ]; do sleep 5; done
+for r in 1 2 3 4 5; do
+  dd if=/dev/urandom of=/tmp/s$r bs=1M count=2 2>/dev/null
+  h=$(cat /tmp/s* | sha256sum | cut -c1-16)
+  t=$(sf-ticket 3)
+  id=$(sf-clone "$t")
+  rnd=$(head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n')
+  n=$(dmesg | grep -c 'reseeded due to virtual machine fork')
+  m=$(cat /etc/machine-id)
+  if [ "$id" = 0 ]; then
+    echo "RND $r 0 $rnd $n $m"
+    sf-join "$t" >/dev/null; echo "JOIN $r rc=$?"
+    for k in 1 2 3; do echo "SEEN $r $k $(sf-share get "$t" $k s) WANT $h"; done
+  else
+    echo "$(cat /tmp/s* | sha256sum | cut -c1-16) $rnd $n $m" | sf-share put s
+    sf-exit 0
+  fi
+done
+echo SF-DONE
+"""
+
+
+def test_five_forks_across_hosts_each_clone_unique(guest_image: image.Result) -> None:
+    with running_cluster(guest_image, 3) as cluster:
+        h1 = cluster.hosts[0]
+        boot(h1, "old", ENTROPY)
+        out = console(h1, "old", timeout=900)
+        every: list[str] = []
+        for r in range(1, 6):
+            assert f"JOIN {r} rc=0" in out, out[-3000:]
+            parent = re.search(rf"^RND {r} 0 (\w+) (\d+) (\w+)$", out, re.M)
+            assert parent and int(parent.group(2)) == r  # its new QEMU: a new generation
+            members, machine_ids = [parent.group(1)], {parent.group(3)}
+            for k in (1, 2, 3):
+                seen = re.search(rf"^SEEN {r} {k} (\w+) (\w+) (\d+) (\w+) WANT (\w+)$", out,
+                                 re.M)  # fmt: skip
+                assert seen, f"round {r} clone {k}: {out[-3000:]}"
+                assert seen.group(1) == seen.group(5), f"round {r}: clone {k} saw other memory"
+                assert int(seen.group(3)) == r, f"round {r}: clone {k}'s kernel did not reseed"
+                members.append(seen.group(2))
+                machine_ids.add(seen.group(4))
+            assert len(set(members)) == 4, f"round {r}: members read the same bytes"
+            assert len(machine_ids) == 4, f"round {r}: members share a machine ID"
+            every += members
+        assert len(set(every)) == len(every) == 20
+        placed = _hosts_of_clones(cluster)
+        assert placed == {"h1", "h2", "h3"}, placed
+        assert "copying memory image" not in h1.log.read_text()
+
+
+def _hosts_of_clones(cluster: Cluster) -> set[str]:
+    tickets = cluster.hosts[0].vm_json("tickets")
+    return {c["host"] or "h1" for t in tickets for c in t["clones"].values()}
