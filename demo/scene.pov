@@ -1,4 +1,5 @@
 // The render farm's job: a small scene POV-Ray renders in seconds per band.
+// Frames differ by POV-Ray's clock (+K): the flake turns, the ring of balls moves on.
 #version 3.7;
 global_settings { assumed_gamma 1.0 }
 camera { location <0, 2.2, -6> look_at <0, 0.8, 0> angle 48 }
@@ -15,10 +16,11 @@ plane { y, 0 pigment { checker color rgb 0.9 color rgb <0.15, 0.3, 0.6> scale 0.
   #end
   pigment { color rgb <0.95, 0.97, 1> } finish { phong 0.9 reflection 0.2 }
 }
-object { Flake scale 1.1 translate <0, 1.4, 0> }
+object { Flake rotate z * clock * 30 scale 1.1 translate <0, 1.4, 0> }
 #declare K = 0;
 #while (K < 8)
-  sphere { <2.6 * cos(K * pi / 4), 0.35, 2.6 * sin(K * pi / 4) + 1>, 0.35
+  #declare A = (K + clock) * pi / 4;
+  sphere { <2.6 * cos(A), 0.35, 2.6 * sin(A) + 1>, 0.35
     pigment { color rgb <0.5 + 0.5 * cos(K), 0.5 + 0.5 * sin(K), 0.8> }
     finish { phong 0.7 reflection 0.35 } }
   #declare K = K + 1;

@@ -1,11 +1,13 @@
 """`make demo`: the main job, a render farm forked from one VM.
 
 Builds the guest image with POV-Ray, starts an sfld of its own (under a temporary
-SF_ROOTDIR), boots a parent VM that runs demo/farm.sh: it loads the scene, asks for
-4 clones, each clone renders one band of the image and hands it back through
-XenStore (sf-share), and the parent joins and assembles the picture. The demo
-collects it from the parent's XenStore domain into build/demo/render.png and
-prints a summary. Everything it started is stopped and removed at the end.
+SF_ROOTDIR), boots a parent VM that runs demo/farm.sh: it loads the scene, then for
+each of 2 frames asks for 4 clones, each clone renders one band of the frame and
+hands it back through XenStore (sf-share), and the parent joins and assembles the
+frame; the second frame forks the same VM a second time. The demo collects the
+frames from the parent's XenStore domain into build/demo/render-F.png and prints,
+per fork, the parent's pause and how long sf-clone took in it. Everything it
+started is stopped and removed at the end.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ BIN = PROJECT_ROOT / "bin"
 DEMO = PROJECT_ROOT / "demo"
 OUT = BUILD_DIR / "demo"
 CLONES = 4
+FRAMES = 2
 console = Console(stderr=True)
 
 
@@ -86,7 +89,8 @@ class Sfld:
 def run_farm(sfld: Sfld) -> tuple[dict[str, Any], str, float]:
     started = time.monotonic()
     # The VM stays after the job so that its console can be read; the demo stops it.
-    farm = 'sf.run="sh /demo/farm.sh; echo FARM ended $?; sleep 100000"'
+    job = f"SF_N={CLONES} SF_FRAMES={FRAMES} sh /demo/farm.sh"
+    farm = f'sf.run="{job}; echo FARM ended $?; sleep 100000"'
     vm = sfld.sf_vm("run", "--name", "farm", "--append", farm,
                     "--wait-ready", "--timeout", "300")  # fmt: skip
     console.print(f"parent VM farm ready after {vm['boot_to_ready_s']:.1f} s ({vm['accel']})")
@@ -100,29 +104,48 @@ def run_farm(sfld: Sfld) -> tuple[dict[str, Any], str, float]:
         if any(line.strip() == "FARM done" for line in lines):
             return vm, text, time.monotonic() - started
         if any(line.startswith("FARM ended") for line in lines):
-            raise SystemExit(f"the farm failed:\n{text[-3000:]}")
+            sfld_log = sfld.log.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"the farm failed:\n{text[-3000:]}\n--- sfld's log:\n{sfld_log}")
         time.sleep(1)
     raise SystemExit(f"the farm did not finish:\n{sfld.logs('farm')[-3000:]}")
 
 
-def summary(vm: dict[str, Any], text: str, ticket: dict[str, Any], png: Path) -> None:
-    table = Table(title=f"render farm: {png} ({png.stat().st_size} bytes)")
-    for column in ("clone", "rows", "render s", "state", "status"):
+def summary(vm: dict[str, Any], text: str, tickets: list[dict[str, Any]],
+            pngs: list[Path]) -> None:  # fmt: skip
+    """A table of the clones' work per frame, then each fork's costs."""
+    table = Table(title=f"render farm: {', '.join(str(p) for p in pngs)}")
+    for column in ("frame", "clone", "ready s", "rows", "render s", "state", "status"):
         table.add_column(column, justify="right")
-    for k, clone in sorted(ticket["clones"].items(), key=lambda kv: int(kv[0])):
-        work = re.search(rf"^FARM work {k} ([\d.]+) (\d+) (\d+)", text, re.M)
-        rows = f"{work.group(2)}-{work.group(3)}" if work else "-"
-        table.add_row(k, rows, work.group(1) if work else "-", clone["state"],
-                      str(clone["status"]))  # fmt: skip
+    forks = Table(title="the forks, as the parent saw them")
+    for column in ("frame", "ticket", "clones", "parent paused", "sf-clone took", "fork to frame"):
+        forks.add_column(column, justify="right")
+    for f, ticket in enumerate(tickets, 1):
+        for k, clone in sorted(ticket["clones"].items(), key=lambda kv: int(kv[0])):
+            work = re.search(rf"^FARM frame {f} work {k} ([\d.]+) (\d+) (\d+)", text, re.M)
+            rows = f"{work.group(2)}-{work.group(3)}" if work else "-"
+            ready = clone.get("ready_ms")  # from sfld's start of the clone to running
+            table.add_row(str(f), k, f"{ready / 1000:.2f}" if ready is not None else "-", rows,
+                          work.group(1) if work else "-", clone["state"],
+                          str(clone["status"]))  # fmt: skip
+        forks.add_row(str(f), ticket["ticket"], str(len(ticket["clones"])),
+                      f"{ticket['pause_ms']} ms", f"{farm_fact(text, f, 'cloned in')} s",
+                      f"{farm_fact(text, f, 'wall')} s")  # fmt: skip
     Console().print(table)
-    cloned = re.search(r"^FARM cloned in ([\d.]+)", text, re.M)
-    wall = re.search(r"^FARM wall ([\d.]+)", text, re.M)
-    facts = Table(show_header=False, box=None)
-    facts.add_row("parent boot to ready", f"{vm['boot_to_ready_s']:.2f} s ({vm['accel']})")
-    facts.add_row("parent pause for the clone", f"{ticket['pause_ms']} ms")
-    facts.add_row("sf-clone in the parent", f"{cloned.group(1) if cloned else '-'} s")
-    facts.add_row("fork to assembled image", f"{wall.group(1) if wall else '-'} s")
-    Console().print(facts)
+    Console().print(forks)
+    Console().print(f"parent boot to ready: {vm['boot_to_ready_s']:.2f} s ({vm['accel']})")
+
+
+def farm_fact(text: str, frame: int, what: str) -> str:
+    """The number farm.sh printed as "FARM frame F WHAT N s", or "-"."""
+    found = re.search(rf"^FARM frame {frame} {what} ([\d.]+)", text, re.M)
+    return found.group(1) if found else "-"
+
+
+def frame_tickets(sfld: Sfld, text: str) -> list[dict[str, Any]]:
+    """Each frame's ticket as sf-vm tickets shows it (pause_ms, the clones)."""
+    ids = dict(re.findall(r"^FARM frame (\d+) ticket (\S+)", text, re.M))
+    listed = {t["ticket"]: t for t in sfld.sf_vm("tickets")}
+    return [listed[ids[str(f)]] for f in range(1, FRAMES + 1)]
 
 
 def main() -> int:
@@ -136,10 +159,10 @@ def main() -> int:
         sfld = Sfld(work, image_dir)
         vm, text, _ = run_farm(sfld)
         OUT.mkdir(parents=True, exist_ok=True)
-        png = OUT / "render.png"
-        png.write_bytes(sfld.collect(vm["domid"], "render"))
-        ticket = next(t for t in sfld.sf_vm("tickets") if t["owner"] == "farm")
-        summary(vm, text, ticket, png)
+        pngs = [OUT / f"render-{f}.png" for f in range(1, FRAMES + 1)]
+        for f, png in enumerate(pngs, 1):
+            png.write_bytes(sfld.collect(vm["domid"], f"render{f}"))
+        summary(vm, text, frame_tickets(sfld, text), pngs)
         sfld.sf_vm("stop", "farm")
         return 0
     finally:
