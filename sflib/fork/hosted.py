@@ -11,12 +11,10 @@ in its own domain here, since the parent's domain lives on the other host.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import json
 import logging
-import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from sflib.fork import layout, mechanics
 from sflib.fork.checkpoint import Checkpoint
 from sflib.fork.images import MemoryImage
 from sflib.fork.mechanics import CloneOrder
+from sflib.fork.messages import CloneStart, Identity, clone_reply
 from sflib.fork.share import read_chunks
 from sflib.memory.service import MemoryService
 from sflib.sfld.vms import VM, VMTable
@@ -72,54 +71,58 @@ class HostedClones:
 
     # clone.start ---------------------------------------------------------------------
 
-    async def start(self, args: dict[str, Any], reply: Callable[[int, str, Any], None]) -> Any:
-        """Start the clones args asks for; returns {id: VM name or None if it failed}."""
-        ckpt = self._descriptor(args)
-        started: dict[str, str | None] = {}
-        for k in args["ids"]:
-            name = f"{args['ticket']}-{k}"
-            hosted = HostedClone(args["ticket"], k, args["owner_host"], args["owner_address"],
-                                 ckpt.id, args["memserver"], args["image"])  # fmt: skip
-            try:
-                vm = await self._start_one(ckpt, hosted, name, args["family"],
-                                           args.get("network"))  # fmt: skip
-            except SnowFlockError as e:
-                log.warning("clone %d of ticket %s did not start: %s", k, args["ticket"], e)
-                started[str(k)] = None
-                continue
-            reply(vm.machine.spec.domid, ckpt.rid,
-                  {**args["reply"], "id": k, "seed": secrets.token_hex(32)})  # fmt: skip
-            started[str(k)] = name
+    async def start(self, order: CloneStart, reply: Callable[[int, str, Any], None]) -> Any:
+        """Start the clones order asks for, side by side; returns {ID: VM name, or
+        None if it failed}."""
+        ckpt = self._descriptor(order)
+        names = await asyncio.gather(*(self._start(order, ckpt, k, reply) for k in order.ids))
         self._drop_descriptor_if_unused(ckpt.id)
-        return started
+        return {str(k): name for k, name in zip(order.ids, names, strict=True)}
 
-    def _descriptor(self, args: dict[str, Any]) -> Checkpoint:
-        manifest = args.get("manifest")
-        if not isinstance(manifest, dict):
-            raise UsageError("clone.start: no manifest")
-        key = f"{manifest['id']}@{args['owner_host']}"
+    async def _start(self, order: CloneStart, ckpt: Checkpoint, k: int,
+                     reply: Callable[[int, str, Any], None]) -> str | None:  # fmt: skip
+        name = f"{order.ticket}-{k}"
+        hosted = HostedClone(order.ticket, k, order.owner_host, order.owner_address, ckpt.id,
+                             order.memserver, order.image)  # fmt: skip
+        try:
+            vm = await self._start_one(ckpt, hosted, name, order)
+        except SnowFlockError as e:
+            log.warning("clone %d of ticket %s did not start: %s", k, order.ticket, e)
+            return None
+        reply(vm.machine.spec.domid, ckpt.rid, clone_reply(k, order.reply))
+        return name
+
+    def _descriptor(self, order: CloneStart) -> Checkpoint:
+        manifest = order.manifest
+        key = f"{manifest['id']}@{order.owner_host}"
         if key in self.descriptors:
             return self.descriptors[key]
         folder = self.dir / key
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "devstate").write_bytes(base64.b64decode(args["devstate"]))
+        (folder / "devstate").write_bytes(order.devstate)
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        image = MemoryImage(Path(args["image"]), owned=False)  # a name on another host
-        ckpt = Checkpoint(key, args["family"], bool(manifest["named"]), folder, image,
-                          DomainSnapshot.from_json(manifest["xenstore"]), manifest["machine"],
-                          created=float(manifest["created"]), rid=str(args["rid"]))  # fmt: skip
+        image = MemoryImage(Path(order.image), owned=False)  # a name on another host
+        try:
+            ckpt = Checkpoint(key, order.family, bool(manifest["named"]), folder, image,
+                              DomainSnapshot.from_json(manifest["xenstore"]),
+                              manifest["machine"], created=float(manifest["created"]),
+                              rid=order.rid)  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise UsageError(f"clone.start: malformed descriptor: {e}") from None
         self.descriptors[key] = ckpt
         return ckpt
 
     async def _start_one(self, ckpt: Checkpoint, hosted: HostedClone, name: str,
-                         family: str, network: dict[str, Any] | None) -> VM:  # fmt: skip
+                         order: CloneStart) -> VM:  # fmt: skip
         memory = await self.memory.attach(hosted.server, hosted.image, name)
         self.clones[name] = hosted
+        network = order.network
         try:
             nic = self._open_nic(name, hosted.clone_id, network)
-            clone = await mechanics.restore_clone(
-                self.vms, self.qemu, ckpt, CloneOrder(name, hosted.clone_id, family, memory, nic)
-            )
+            clone = await mechanics.restore_clone(self.vms, self.qemu, ckpt,
+                                                  CloneOrder(name, hosted.clone_id, order.family,
+                                                             memory, nic))  # fmt: skip
         except BaseException:
             self.clones.pop(name, None)
             await self.memory.detach(hosted.server, hosted.image, name)
@@ -135,7 +138,7 @@ class HostedClones:
             except SnowFlockError:
                 await self._stop_vm(name)
                 raise
-        self._introduce(clone, hosted, family)
+        self._introduce(clone, hosted, order)
         await clone.machine.resume()
         return clone
 
@@ -150,14 +153,14 @@ class HostedClones:
         isolated = bool(network.get("isolated"))
         return self.vms.network.open(name, int(network["family"]), member, isolated).nic
 
-    def _introduce(self, clone: VM, hosted: HostedClone, family: str) -> None:
+    def _introduce(self, clone: VM, hosted: HostedClone, order: CloneStart) -> None:
         domid = clone.machine.spec.domid
-        identity = {"id": hosted.clone_id, "family": family, "ticket": hosted.ticket,
-                    "parent_domid": domid, "domid": domid, "host": self.link.host,
-                    "parent_host": hosted.owner_host}  # fmt: skip
-        identity.update(self.vms.published_network(clone) or {})
+        identity = Identity(hosted.clone_id, order.family, hosted.ticket, domid,
+                            order.parent_domid, self.link.host, hosted.owner_host)  # fmt: skip
+        network = self.vms.published_network(clone)
         local = self.vms.bus.local
-        local.write(f"/local/domain/{domid}/{layout.IDENTITY}", json.dumps(identity).encode())
+        local.write(f"/local/domain/{domid}/{layout.IDENTITY}",
+                    json.dumps(identity.to_json(network)).encode())  # fmt: skip
         local.mkdir(f"/local/domain/{domid}/{layout.share_dir(hosted.ticket, hosted.clone_id)}")
 
     # What the clones say -------------------------------------------------------------

@@ -7,7 +7,7 @@ as the master declares their hosts dead.
 from __future__ import annotations
 
 import asyncio
-import base64
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -16,6 +16,7 @@ from sflib.cluster.link import ClusterLink
 from sflib.errors import NotFoundError, SnowFlockError, UsageError
 from sflib.fork import layout
 from sflib.fork.checkpoint import Checkpoint
+from sflib.fork.messages import START, CloneStart
 from sflib.fork.tickets import Clone, CloneState, Ticket, TicketBook
 from sflib.memory.service import MemoryService
 from sflib.xenstore.server import XenStoreServer
@@ -38,24 +39,25 @@ class RemoteClones:
         network, see FamilyNetworks); a host that fails marks its clones crashed.
         Never raises."""
         server = await self.memory.export()
-        payload = {"ticket": ticket.id, "family": family, "owner_host": self.link.host,
-                   "owner_address": self.link.address, "rid": ckpt.rid, "reply": reply,
-                   "manifest": ckpt.manifest(), "memserver": server,
-                   "image": ckpt.image.path.name, "network": network,
-                   "devstate": base64.b64encode(ckpt.devstate.read_bytes()).decode()}  # fmt: skip
+        order = CloneStart(ticket=ticket.id, ids=[], family=family, parent_domid=parent_domid,
+                           owner_host=self.link.host, owner_address=self.link.address,
+                           rid=ckpt.rid, reply=reply, manifest=ckpt.manifest(),
+                           devstate=ckpt.devstate.read_bytes(), memserver=server,
+                           image=ckpt.image.path.name, network=network)  # fmt: skip
         hosts = [h for h in ids if h != self.link.host]
         for host in hosts:
             for k in ids[host]:  # in the record before any report on them can come
                 ticket.clones[k] = Clone(k, f"{ticket.id}-{k}", host=host)
                 self._share_corner(parent_domid, ticket.id, k)
-        await asyncio.gather(*(self._spawn_on(ticket, h, ids[h], payload, started)
-                               for h in hosts))  # fmt: skip
+        await asyncio.gather(*(self._spawn_on(ticket, h, dataclasses.replace(order, ids=ids[h]),
+                                              started) for h in hosts))  # fmt: skip
 
-    async def _spawn_on(self, ticket: Ticket, host: str, ids: list[int],
-                        payload: dict[str, Any], started: float) -> None:  # fmt: skip
+    async def _spawn_on(self, ticket: Ticket, host: str, order: CloneStart,
+                        started: float) -> None:  # fmt: skip
+        ids = order.ids
         try:
             peer = self.link.peer(ticket.addresses[host])
-            running = await peer.call("clone.start", **payload, ids=ids)
+            running = await peer.call(START, **order.to_json())
         except (SnowFlockError, KeyError) as e:
             log.warning("clones %s of ticket %s on %s did not start: %s", ids, ticket.id,
                         host, e)  # fmt: skip

@@ -14,9 +14,9 @@ import pytest
 
 from sflib.errors import NotFoundError, UsageError, WrongStateError
 from sflib.fork import freepages, layout
-from sflib.fork.images import MemoryImage
 from sflib.fork.engine import ForkEngine
 from sflib.fork.freepages import PAGE, ram_offset
+from sflib.fork.images import MemoryImage
 from sflib.fork.share import CHUNK, chunks
 from sflib.fork.tickets import Clone, CloneState, TicketBook, TicketState
 from sflib.hooks.runner import HookFailed, hooks_in, run_hooks
@@ -114,14 +114,16 @@ def test_a_failing_pre_hook_aborts(tmp_path: Path) -> None:
 
 
 async def test_a_second_fork_of_the_same_vm_is_refused(tmp_path: Path) -> None:
-    table = SimpleNamespace(bus=XenStoreServer(), on_end=[], network=None)
+    table = SimpleNamespace(
+        bus=XenStoreServer(), on_end=[], network=None, settings={"host_name": "h1"}
+    )
     engine = ForkEngine(table, 4, tmp_path)  # type: ignore[arg-type]
     vm = SimpleNamespace(machine=SimpleNamespace(spec=SimpleNamespace(name="web")))
-    async with engine._forking(vm):  # type: ignore[arg-type]
+    async with engine.calls._forking(vm):  # type: ignore[arg-type]
         with pytest.raises(WrongStateError, match="already in flight"):
-            async with engine._forking(vm):  # type: ignore[arg-type]
+            async with engine.calls._forking(vm):  # type: ignore[arg-type]
                 pass
-    async with engine._forking(vm):  # type: ignore[arg-type]  (free again)
+    async with engine.calls._forking(vm):  # type: ignore[arg-type]  (free again)
         pass
     await table.bus.close()
 
