@@ -1,8 +1,11 @@
 """Fork benchmark: SnowFlock's clone against a cold boot and against an eager
 snapshot/restore (QEMU migrating all RAM, as virsh save/restore does), side by side
-in one run, at 256 MiB and 1 GiB of guest RAM, with N = 1, 2, 4, 8 clones.
+in one run, at 256 MiB and 1 GiB of guest RAM, with N = 1, 2, 4, 8 clones; then 10
+successive forks of one parent against its first (bench/successive_bench.py), on one
+host and with the clones on other hosts.
 
-    .venv/bin/python bench/fork_bench.py [--sizes 256,1024] [--json]
+    .venv/bin/python bench/fork_bench.py [--sizes 256,1024] [--successive-sizes 256,1024]
+        [--forks 10] [--skip-first-fork | --skip-successive] [--json]
 
 The guest boots the project's image, fills half its RAM with random data (so an
 eager snapshot has real pages to move), then is forked. Times are wall-clock on
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import successive_bench
 from rich.console import Console
 from rich.table import Table
 
@@ -220,15 +224,34 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", type=Path, default=default_out())
     parser.add_argument("--sizes", default="256,1024", help="guest RAM sizes in MiB")
+    parser.add_argument("--successive-sizes", default="256,1024",
+                        help="guest RAM sizes in MiB of the successive forks")  # fmt: skip
+    parser.add_argument("--forks", type=int, default=10, help="successive forks of one parent")
+    parser.add_argument("--where", default="one-host,cluster",
+                        help="successive forks on one-host, across a cluster, or both")  # fmt: skip
+    skip = parser.add_mutually_exclusive_group()
+    skip.add_argument("--skip-first-fork", action="store_true",
+                      help="leave out the first fork's tables (clone, pause, N)")  # fmt: skip
+    skip.add_argument("--skip-successive", action="store_true",
+                      help="leave out the successive forks")  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    rows = asyncio.run(measure(args.image, [int(s) for s in args.sizes.split(",")]))
+    rows: list[dict[str, Any]] = []
+    if not args.skip_first_fork:
+        rows = asyncio.run(measure(args.image, [int(s) for s in args.sizes.split(",")]))
+    forks: list[dict[str, Any]] = []
+    if not args.skip_successive:
+        sizes = [int(s) for s in args.successive_sizes.split(",")]
+        forks = successive_bench.measure(sizes, args.forks, where=tuple(args.where.split(",")))
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"first_fork": rows, "successive": forks}, indent=2))
         return 0
-    print_tables(rows)
-    plot(rows, BUILD_DIR / "bench" / "fork.png")
-    print(f"plot: {BUILD_DIR / 'bench' / 'fork.png'}")
+    if rows:
+        print_tables(rows)
+        plot(rows, BUILD_DIR / "bench" / "fork.png")
+        print(f"plot: {BUILD_DIR / 'bench' / 'fork.png'}")
+    if forks:
+        successive_bench.print_tables(forks)
     return 0
 
 

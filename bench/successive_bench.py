@@ -1,0 +1,347 @@
+"""Successive forks of one parent (issue 11): the n-th fork against the first.
+
+One parent forks again and again (sf-ticket, sf-clone, the clones sf-exit, the
+parent sf-join), on one host and with its clones on other hosts (a cluster of
+network-namespace hosts, sflib.cluster.testbed). Between forks the guest writes
+a known amount of new data into a new file of its tmpfs, so each fork's image
+should grow by what was written, whatever the guest's RAM. Per fork: the pause,
+the time until the clones run (the slowest clone's ready_ms), and the host memory
+images hold afterwards (allocated size of the *.mem files in the parent's host's
+memory dir) with the parent's QEMU's own (anonymous) pages, each as a ratio to
+fork 1; and the largest event-loop stall of every daemon over the run.
+
+    .venv/bin/python bench/successive_bench.py [--sizes 256,1024] [--forks 10] [--json]
+
+Also run by bench/fork_bench.py. Times are wall-clock under TCG: compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from remote_bench import BIN, Host
+from rich.console import Console
+from rich.table import Table
+
+from sflib.cluster.testbed import Testbed
+from sflib.errors import SystemFailure
+from sflib.fork import images
+from sflib.image import build as image
+from sflib.paths import BUILD_DIR, Paths
+
+MIB, PAGE = 1 << 20, 4096
+STALL_WARNING = "0.02"  # seconds: the daemons log (almost) every stall, the bench keeps the worst
+STALL = re.compile(r"event loop stalled (\d+) ms \(on CPU (\d+) ms\)")
+ROUND = re.compile(r"^SF-ROUND (\d+) rc=(\d+) avail=(\d+)", re.M)
+COPIED = r"{}: (\d+) pages written into its image"  # sfld --debug, once per fork
+ROUND_TIMEOUT = 900.0  # seconds for one round under TCG on a busy machine
+# Hosts in the test cluster, and a label; the allocator puts clones on other hosts first.
+LOGS = BUILD_DIR / "bench" / "successive"  # the daemons' logs of the last run, kept
+SETUPS = {"one-host": (1, "one host"), "cluster": (3, "3 hosts")}
+
+# Round r: write, fork, join, report, then wait until the bench has looked (key go<r>).
+SCRIPT = """\
+g() {{ python3 -c "
+import time
+from sflib.vm.guestbus import open_bus
+b = open_bus()
+while True:
+  try: b.read(b'go$1'); break
+  except Exception: time.sleep(0.2)
+"; }}
+g 0
+r=0
+while [ $r -lt {forks} ]; do
+  r=$((r+1))
+  dd if=/dev/urandom of=/tmp/w$r bs=1M count={mib} 2>/dev/null
+  t=$(sf-ticket {clones})
+  id=$(sf-clone "$t")
+  [ "$id" = 0 ] || {{ sf-exit 0; sleep 100000; }}
+  sf-join "$t" >/dev/null; j=$?
+  echo "SF-ROUND $r rc=$j avail=$(awk '/MemAvailable/ {{print $2}}' /proc/meminfo)"
+  g $r
+done
+echo SF-DONE
+"""
+
+
+@contextlib.contextmanager
+def testbed(hosts: int) -> Iterator[Testbed]:
+    """A test cluster whose daemons log every loop stall past STALL_WARNING."""
+    work = Path(tempfile.mkdtemp(prefix="sfs-", dir="/tmp"))  # short: socket paths
+    # --debug: sfld then logs how many pages each fork wrote into the image (COPIED).
+    args = ["--accel", "tcg", "--image-dir", str(image.default_out()),
+            "--loop-stall-warning", STALL_WARNING, "--debug"]  # fmt: skip
+    saved = os.environ.get("SF_LOOP_STALL_WARNING")
+    os.environ["SF_LOOP_STALL_WARNING"] = STALL_WARNING  # the master takes no extra options
+    try:
+        with Testbed.create(work, hosts=hosts, sfld_args=args) as bed:
+            yield bed
+    finally:
+        if saved is None:
+            os.environ.pop("SF_LOOP_STALL_WARNING", None)
+        else:
+            os.environ["SF_LOOP_STALL_WARNING"] = saved
+        for i in range(1, hosts + 1):
+            shutil.rmtree(Paths(work / f"h{i}").memory_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class Parent:
+    """The forking VM on the first host, its console and its memory."""
+
+    def __init__(self, host: Host, name: str) -> None:
+        self.host, self.name = host, name
+        self.memory_dir = Paths(host.daemon.root).memory_dir
+        self.domid = 0
+
+    def boot(self, script: str, memory: int) -> None:
+        b64 = base64.b64encode(script.encode()).decode()
+        append = f'sf.run="echo {b64} | base64 -d > /g.sh && sh /g.sh; sleep 100000"'
+        assert len(append) < 2000, "kernel command lines stop at 2048 bytes"
+        vm = self.host.tool("sf-vm", "run", "--name", self.name, "--memory", str(memory),
+                            "--append", append, "--wait-ready")  # fmt: skip
+        self.domid = int(vm["domid"])
+
+    def console(self) -> str:
+        return subprocess.run([str(BIN / "sf-vm"), "logs", self.name], env=self.host.env,
+                              capture_output=True, text=True, timeout=60,
+                              check=False).stdout  # fmt: skip
+
+    def wait(self, pattern: re.Pattern[str], count: int) -> list[re.Match[str]]:
+        """The console's matches once it has count of them. Raises SystemExit."""
+        deadline = time.monotonic() + ROUND_TIMEOUT
+        while time.monotonic() < deadline:
+            text = self.console()
+            found = list(pattern.finditer(text))
+            if len(found) >= count:
+                return found
+            time.sleep(0.5)
+        raise SystemExit(f"{self.name}: round {count} not seen:\n{text[-3000:]}\n"
+                         f"{self.host.daemon.log.read_text()[-3000:]}")  # fmt: skip
+
+    def go(self, r: int) -> None:
+        env = {**os.environ, "XENSTORED_PATH": str(self.host.daemon.run_dir / "xenstored.sock")}
+        subprocess.run(["xenstore-write", f"/local/domain/{self.domid}/go{r}", "1"], env=env,
+                       capture_output=True, timeout=60, check=True)  # fmt: skip
+
+    def memory(self) -> dict[str, float]:
+        """MiB the images hold (allocated, not apparent size), the parent's own copies
+        of guest pages (written since its last fork: in no image yet), its QEMU's PSS
+        and anonymous PSS (TCG's code buffer and heap too), the host's Shmem."""
+        files = list(self.memory_dir.glob("*.mem"))
+        (vm,) = [v for v in self.host.tool("sf-vm", "ls") if v["name"] == self.name]
+        pss = _smaps_rollup(int(vm["pid"]))
+        return {"image_mib": sum(p.stat().st_blocks * 512 for p in files) / MIB,
+                "files": len(files), "own_mib": _own_pages(int(vm["pid"]), files) * PAGE / MIB,
+                "pss_mib": pss.get("Pss", 0) / 1024, "anon_mib": pss.get("Pss_Anon", 0) / 1024,
+                "shmem_mib": _meminfo("Shmem") / 1024}  # fmt: skip
+
+
+def _own_pages(pid: int, files: list[Path]) -> int:
+    """Pages of the image QEMU pid maps privately that it has its own copies of (0:
+    it maps none of them, as before its first fork, when its RAM is its own file)."""
+    for path in files:
+        try:
+            _, runs = images.dirty_runs(pid, path)
+        except SystemFailure:
+            continue
+        return sum(count for _, count in runs)
+    return 0
+
+
+def _smaps_rollup(pid: int) -> dict[str, int]:
+    """KiB fields of /proc/PID/smaps_rollup ({} if the process is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    except OSError:
+        return {}
+    return {f[0].rstrip(":"): int(f[1]) for f in (line.split() for line in lines) if len(f) >= 2}
+
+
+def _meminfo(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_setup(where: str, memory: int, forks: int, write_mib: int, clones: int) -> dict[str, Any]:
+    """One parent, forks rounds; every round's figures, and the daemons' worst stalls.
+    write_mib 0: as much as the guest's RAM holds for every round, at most 16 MiB."""
+    write_mib = write_mib or auto_write_mib(memory, forks)
+    load = os.getloadavg()[0]
+    with testbed(SETUPS[where][0]) as bed:
+        parent = Parent(Host(bed.hosts[0]), f"succ{memory}")
+        parent.boot(SCRIPT.format(forks=forks, mib=write_mib, clones=clones), memory)
+        before, rounds, seen = parent.memory(), [], set()
+        parent.go(0)  # the guest writes nothing before this
+        for r in range(1, forks + 1):
+            line = parent.wait(ROUND, r)[r - 1]
+            (ticket,) = [t for t in parent.host.tool("sf-vm", "tickets")
+                         if t["ticket"] not in seen]  # fmt: skip
+            seen.add(ticket["ticket"])
+            rounds.append(_round(r, line, ticket, parent.memory()))
+            parent.go(r)
+        parent.wait(re.compile(r"^SF-DONE", re.M), 1)
+        parent.host.stop(parent.name)
+        left = [str(p) for p in parent.memory_dir.glob("*")]
+        log = bed.hosts[0].log.read_text(errors="replace")
+        copied = re.findall(COPIED.format(re.escape(parent.name)), log)
+        for row, pages in zip(rounds, copied, strict=False):
+            row["copied_mib"] = int(pages) * PAGE / MIB
+        lag = {d.name: _worst_stall(d.log) for d in [*bed.hosts, bed.master]}
+        keep = LOGS / f"{memory}-{where}"
+        keep.mkdir(parents=True, exist_ok=True)
+        for d in [*bed.hosts, bed.master]:
+            shutil.copy(d.log, keep / f"{d.name}.log")
+    return {"where": SETUPS[where][1], "memory_mib": memory, "write_mib": write_mib,
+            "clones": clones, "before": before, "rounds": rounds, "loop_lag": lag,
+            "left": left, "load": [load, os.getloadavg()[0]]}  # fmt: skip
+
+
+def auto_write_mib(memory: int, forks: int) -> int:
+    # The booted guest has about 160 MiB of its RAM in use (its root file system
+    # lives there), and every round's file stays: 256 MiB holds 10 rounds of 6 MiB.
+    return max(1, min(16, (memory - 192) // forks))
+
+
+def _round(r: int, line: re.Match[str], ticket: dict[str, Any],
+           held: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+    cl = ticket["clones"].values()
+    return {"fork": r, "join_rc": int(line.group(2)),
+            "guest_avail_mib": int(line.group(3)) / 1024,
+            "pause_ms": ticket["pause_ms"], "ready_ms": max((c["ready_ms"] or 0) for c in cl),
+            "hosts": sorted({c["host"] or "h1" for c in cl}),
+            "states": sorted({c["state"] for c in cl}), **held}  # fmt: skip
+
+
+def _worst_stall(log: Path) -> dict[str, int]:
+    """The longest stall a daemon logged, its CPU time, and how many it logged."""
+    found = [(int(m.group(1)), int(m.group(2))) for m in
+             STALL.finditer(log.read_text(errors="replace"))]  # fmt: skip
+    worst = max(found, default=(0, 0))
+    return {"ms": worst[0], "cpu_ms": worst[1], "count": len(found)}
+
+
+# Output ----------------------------------------------------------------------------
+
+
+def _ratio(x: float, base: float) -> str:
+    return f"{x / base:.2f}x" if base else "-"
+
+
+COLUMNS = ("fork", "pause ms", "/ fork 1", "clones run ms", "/ fork 1", "clone hosts",
+           "copied in pause MiB", "written MiB", "image MiB", "/ fork 1", "growth MiB",
+           "growth / written", "parent own MiB", "parent PSS MiB", "clones")  # fmt: skip
+
+
+def table(res: dict[str, Any]) -> Table:
+    rows, first = res["rounds"], res["rounds"][0]
+    title = (f"{len(rows)} successive forks, {res['memory_mib']} MiB, {res['where']}: "
+             f"{res['clones']} clones per fork; image = *.mem allocated on the parent's host; "
+             "parent own = its guest pages in no image yet")  # fmt: skip
+    t = Table(title=title)
+    for c in COLUMNS:
+        t.add_column(c, justify="right")
+    last = res["before"]["image_mib"]
+    for r in rows:
+        growth, last = r["image_mib"] - last, r["image_mib"]
+        copied = r.get("copied_mib")
+        t.add_row(str(r["fork"]), f"{r['pause_ms']:.0f}", _ratio(r["pause_ms"], first["pause_ms"]),
+                  f"{r['ready_ms']:.0f}", _ratio(r["ready_ms"], first["ready_ms"]),
+                  " ".join(r["hosts"]), "-" if copied is None else f"{copied:.1f}",
+                  str(res["write_mib"]), f"{r['image_mib']:.1f}",
+                  _ratio(r["image_mib"], first["image_mib"]), f"{growth:+.1f}",
+                  _ratio(growth, res["write_mib"]),
+                  f"{r['own_mib']:.1f}", f"{r['pss_mib']:.0f}",
+                  " ".join(r["states"]))  # fmt: skip
+    return t
+
+
+def goals(res: dict[str, Any]) -> list[str]:
+    """The issue's goals beside the figures (printed, not asserted)."""
+    rows = res["rounds"]
+    pause = rows[-1]["pause_ms"] / rows[0]["pause_ms"]
+    growth = [b["image_mib"] - a["image_mib"] for a, b in itertools.pairwise(rows)]
+    per = [g / res["write_mib"] for g in growth]
+    mean = sum(per) / len(per) if per else 0.0
+    return [f"goal: fork {len(rows)}'s pause within 1.2x of fork 1's: {pause:.2f}x "
+            f"({'met' if pause <= 1.2 else 'NOT met'})",
+            f"goal: image growth per fork in proportion to the MiB written: growth / written "
+            f"{min(per, default=0):.2f}x to {max(per, default=0):.2f}x, mean {mean:.2f}x "
+            f"(forks 2-{len(rows)})",
+            "left in the memory dir after the parent stopped: "
+            + (" ".join(res["left"]) or "nothing"),
+            "the machine's load average (1 min) at the start and the end: "
+            + " and ".join(f"{x:.1f}" for x in res["load"])]  # fmt: skip
+
+
+def lag_table(results: list[dict[str, Any]]) -> Table:
+    t = Table(title=f"largest event-loop stall per daemon over each run (logged past "
+                    f"{float(STALL_WARNING) * 1000:.0f} ms)")  # fmt: skip
+    for c in ("run", "daemon", "worst ms", "on CPU ms", "stalls logged"):
+        t.add_column(c, justify="right")
+    for res in results:
+        for daemon, s in res["loop_lag"].items():
+            t.add_row(f"{res['memory_mib']} MiB, {res['where']}", daemon, str(s["ms"]),
+                      str(s["cpu_ms"]), str(s["count"]))  # fmt: skip
+    return t
+
+
+def print_tables(results: list[dict[str, Any]]) -> None:
+    out = Console(width=180)
+    for res in results:
+        out.print(table(res))
+        for line in goals(res):
+            out.print(f"  {line}")
+    out.print(lag_table(results))
+    worst = max((s["ms"], d, f"{r['memory_mib']} MiB, {r['where']}") for r in results
+                for d, s in r["loop_lag"].items())  # fmt: skip
+    out.print(f"worst loop lag over all runs: {worst[0]} ms ({worst[1]}, {worst[2]})")
+
+
+def measure(sizes: list[int], forks: int, write_mib: int = 0, clones: int = 2,
+            where: tuple[str, ...] = tuple(SETUPS)) -> list[dict[str, Any]]:  # fmt: skip
+    return [run_setup(w, m, forks, write_mib, clones) for m in sizes for w in where]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="256,1024", help="guest RAM sizes in MiB")
+    parser.add_argument("--forks", type=int, default=10, help="forks of the one parent")
+    parser.add_argument("--write-mib", type=int, default=0,
+                        help="MiB written between forks (0: up to 16, as RAM allows)")  # fmt: skip
+    parser.add_argument("--clones", type=int, default=2, help="clones per fork")
+    parser.add_argument("--where", default=",".join(SETUPS), help="one-host, cluster or both")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    results = measure([int(s) for s in args.sizes.split(",")], args.forks, args.write_mib,
+                      args.clones, tuple(args.where.split(",")))  # fmt: skip
+    out = BUILD_DIR / "bench" / "successive.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_tables(results)
+        print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
