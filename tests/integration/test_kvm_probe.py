@@ -141,10 +141,9 @@ def test_the_real_probe_dies_with_sfld_where_kvm_hangs() -> None:
 
 def test_a_hanging_probe_is_stopped_at_its_timeout() -> None:
     r, w = os.pipe()
-    with probing_sfld(HALTING, ready_fd=w) as sfld:
+    with os.fdopen(r, "rb") as ready, probing_sfld(HALTING, ready_fd=w) as sfld:
         os.close(w)
-        with os.fdopen(r, "rb") as ready:
-            assert ready.readline() == b"\n", f"sfld did not start:\n{sfld.log}"
+        assert ready.readline() == b"\n", f"sfld did not start:\n{sfld.log}"
         assert sfld.probes() == []
         assert "accelerator: tcg (a KVM guest did not reach long mode within " in sfld.log
         sfld.proc.send_signal(signal.SIGTERM)
