@@ -100,6 +100,27 @@ def own_page_runs(pagemap: bytes) -> list[tuple[int, int]]:
     return [(m.start(), m.end() - m.start()) for m in _RUN.finditer(marks)]
 
 
+def subtract(runs: list[tuple[int, int]], minus: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The pages of sorted runs that are in none of minus's runs (any order)."""
+    cuts = sorted(minus)
+    out: list[tuple[int, int]] = []
+    i = 0
+    for first, count in runs:
+        end = first + count
+        while i < len(cuts) and cuts[i][0] + cuts[i][1] <= first:
+            i += 1  # cuts wholly before this run: none of the later runs reaches them
+        j = i
+        while first < end and j < len(cuts) and cuts[j][0] < end:
+            cut_first, cut_end = cuts[j][0], cuts[j][0] + cuts[j][1]
+            if cut_first > first:
+                out.append((first, cut_first - first))
+            first = max(first, cut_end)
+            j += 1
+        if first < end:
+            out.append((first, end - first))
+    return out
+
+
 # Reading a QEMU's mappings --------------------------------------------------------
 
 

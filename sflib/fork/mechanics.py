@@ -42,19 +42,22 @@ class _Plan:
     mapped: Path  # the file the VM's QEMU maps now
     target: Path
     in_place: bool  # target is the file the VM maps: nobody else maps it
+    free: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # file page runs
 
 
 async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: bool, dir: Path,
                             free: list[tuple[int, int]]) -> Checkpoint:  # fmt: skip
     """Freeze vm into a new checkpoint (its image <checkpoint_id>.mem, its files in
     dir) and let vm go on in a new QEMU; ckpt.pause_ms says how long it was paused.
-    free: page frames the guest reported free (sflib.fork.freepages), marked in
-    the image after the pause (await ckpt.ready() before cloning).
+    free: page frames the guest reported free (sflib.fork.freepages): never copied,
+    and marked in the image after the pause (await ckpt.ready() before cloning).
 
     On failure vm runs on as before. Raises SnowFlockError.
     """
     image_path = vms.memory_dir / f"{checkpoint_id}.mem"
-    plan = await _plan(vms, vm, image_path)
+    ram = vm.machine.spec.memory_mib << 20
+    plan = dataclasses.replace(await _plan(vms, vm, image_path),
+                               free=freepages.file_runs(free, ram))  # fmt: skip
     try:
         new = await _start_next(vms, vm, plan.target)
     except BaseException:
@@ -68,7 +71,7 @@ async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: boo
     image = _adopt(vms, vm, new, plan, MemoryImage(image_path, {checkpoint_id, old.spec.name}))
     ckpt = Checkpoint(checkpoint_id, old.spec.name, named, dir, image, snap, machine_of(old.spec))
     ckpt.pause_ms = round((resumed - started) * 1000, 1)
-    ckpt.finishing = asyncio.create_task(_mark_free(ckpt, free))
+    ckpt.finishing = asyncio.create_task(_mark_free(ckpt, plan.free))
     vms.retire(old)  # its exit unmaps all it touched: not part of the pause
     return ckpt
 
@@ -143,7 +146,9 @@ def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> int:
         os.rename(plan.mapped, image_path)
         return 0
     start, runs = images.dirty_runs(pid, plan.mapped)
-    pages = images.write_runs(pid, start, runs, plan.target)
+    # The guest's free pages (sf-clone holds them, zeroed, and nobody reads them) are
+    # punched after the pause: copying them would cost the most, for nothing.
+    pages = images.write_runs(pid, start, images.subtract(runs, plan.free), plan.target)
     if plan.in_place:
         plan.base.free_map.unlink(missing_ok=True)  # it marked pages of the last fork
         os.rename(plan.target, image_path)
@@ -182,16 +187,17 @@ def _adopt(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image: MemoryImage) 
 
 
 async def _mark_free(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:
-    """Mark the pages the guest reported free in ckpt's image, before its first
-    clone. After the parent runs again is soon enough: those pages hold zeros, and
-    a hole reads the same. Never raises: clones then fetch them like others."""
+    """Mark the pages the guest reported free (runs of file pages) in ckpt's image,
+    before its first clone. After the parent runs again is soon enough: nobody reads
+    those pages before writing them (sflib.fork.freepages), so their content does
+    not matter, and a hole costs no memory. Never raises: clones then fetch them
+    like others."""
     if not free:
         return
-    ram = ckpt.machine["memory_mib"] << 20
+    pages = (ckpt.machine["memory_mib"] << 20) // freepages.PAGE
 
     def mark() -> int:
-        runs = freepages.file_runs(free, ram)
-        return ckpt.image.mark_free(freepages.bitmap(runs, ram // freepages.PAGE), runs)
+        return ckpt.image.mark_free(freepages.bitmap(free, pages), free)
 
     try:
         ckpt.free_pages = await asyncio.to_thread(mark)

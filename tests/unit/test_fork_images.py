@@ -119,3 +119,14 @@ def test_mapping_of_a_mapped_file(image: Path) -> None:
     with image.open("r+b") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as m:
         start, end = images.mapping_of(os.getpid(), image)
         assert end - start == len(m) == 64 * PAGE
+
+
+def test_free_pages_are_taken_out_of_the_runs_to_write() -> None:
+    runs = [(0, 10), (20, 5), (30, 1)]
+    assert images.subtract(runs, []) == runs
+    assert images.subtract(runs, [(3, 2), (8, 14), (30, 1)]) == [(0, 3), (5, 3), (22, 3)]
+    assert images.subtract(runs, [(0, 100)]) == []
+    assert images.subtract([(5, 5)], [(7, 1), (0, 6)]) == [(6, 1), (8, 2)]  # any order
+    pages = {p for f, n in runs for p in range(f, f + n)} - set(range(3, 5)) - {21}
+    left = images.subtract(runs, [(21, 1), (3, 2)])
+    assert {p for f, n in left for p in range(f, f + n)} == pages
