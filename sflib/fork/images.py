@@ -105,8 +105,8 @@ def subtract(runs: list[tuple[int, int]], minus: list[tuple[int, int]]) -> list[
     cuts = sorted(minus)
     out: list[tuple[int, int]] = []
     i = 0
-    for first, count in runs:
-        end = first + count
+    for run_first, count in runs:
+        first, end = run_first, run_first + count
         while i < len(cuts) and cuts[i][0] + cuts[i][1] <= first:
             i += 1  # cuts wholly before this run: none of the later runs reaches them
         j = i
