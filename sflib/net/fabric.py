@@ -66,10 +66,17 @@ def isolation_rules(family: int) -> str:
     gateway = f"ether saddr {identity.gateway_mac(family)} counter drop"
     rules += "".join(f"        {way} \"{vxlan_name(family)}\" {gateway}\n"
                      for way in ("iifname", "oifname"))  # fmt: skip
+    # What the host itself sends through the bridge (its dnsmasq's answers above
+    # all) goes through output, not forward: without this, a host refused (DHCPNAK)
+    # the members of other hosts, whose requests reach it over the VXLAN.
+    own = f'        oifname "{vxlan_name(family)}" {gateway}\n'
     return (f"table bridge {table_name(family)} {{\n"
             "    chain forward {\n"
             "        type filter hook forward priority 0; policy accept;\n"
-            f"{rules}    }}\n}}\n")  # fmt: skip
+            f"{rules}    }}\n"
+            "    chain output {\n"
+            "        type filter hook output priority 0; policy accept;\n"
+            f"{own}    }}\n}}\n")  # fmt: skip
 
 
 @dataclass

@@ -122,13 +122,8 @@ def wait_dhcp_ready(server: subprocess.Popen[bytes], log: Path, hosts: Path) -> 
 
 
 # A member's DHCPREQUEST crosses the VXLAN, and the other host's dnsmasq (authoritative,
-# no lease for that MAC) answers DHCPNAK from its bridge: the isolation table's forward
-# chain never sees a bridge's own frames, so the NAK crosses back. Whichever answer
-# comes first wins: a member is refused at random, the more often the more loaded the
-# machine. Not strict until sflib.net is fixed: the race decides.
-@pytest.mark.xfail(reason="sflib.net bug: another host's dnsmasq NAKs a member (its "
-                   "frames leave by the bridge's output, which fabric.isolation_rules "
-                   "does not filter)")  # fmt: skip
+# no lease for that MAC) answers DHCPNAK from its bridge; whichever answer came first
+# won. The isolation table's output chain keeps a bridge's own frames home.
 def test_each_host_leases_its_own_members_their_ids_address(bed: Testbed) -> None:
     work = bed.workdir / "dhcp"  # removed with the test bed's
     work.mkdir()

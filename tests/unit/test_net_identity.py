@@ -65,7 +65,9 @@ def test_isolation_rules_guard_every_port_both_ways() -> None:
     assert sorted(d.split('"')[1] for d in foreign) == ["sft7-*", "sft7-*", "sfx7", "sfx7"]
     assert {d.split()[0] for d in foreign} == {"iifname", "oifname"}
     gateway = [d for d in drops if d not in foreign]  # the hosts' gateways stay home
-    assert sorted(d.split()[0] for d in gateway) == ["iifname", "oifname"]
+    # forwarded both ways, and sent by the host's own bridge (its DHCP answers)
+    assert sorted(d.split()[0] for d in gateway) == ["iifname", "oifname", "oifname"]
+    assert "type filter hook output" in rules
     assert all(f'"sfx7" ether saddr {identity.gateway_mac(7)}' in d for d in gateway)
     assert tap_name(7, 3).startswith("sft7-")  # what the wildcard catches
 
