@@ -19,6 +19,7 @@ so images stay sparse. Everything here blocks: callers run it in a thread.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import logging
@@ -49,6 +50,7 @@ class MemoryImage:
     path: Path
     users: set[str] = field(default_factory=set)
     owned: bool = True  # False: another host's image, seen through memtap
+    punching: asyncio.Task[None] | None = None  # its free pages, punched after a fork
 
     def use(self, user: str) -> None:
         self.users.add(user)
@@ -62,11 +64,20 @@ class MemoryImage:
         """Nobody but user maps it: it may be brought up to date in place."""
         return self.owned and self.users <= {user}
 
-    def mark_free(self, free_map: bytes, page_runs: list[tuple[int, int]]) -> int:
-        """Write the free-page map and punch those pages (page_runs, in the file) out
-        of the file: they hold zeros (see sflib.fork.freepages). Returns how many
-        pages. Raises SystemFailure."""
+    def mark_free(self, free_map: bytes) -> None:
+        """Write the free-page map (the memory server answers those pages with zeros,
+        memtap never asks for them). Raises SystemFailure."""
         partial = self.free_map.with_suffix(".free-new")
+        try:
+            partial.write_bytes(free_map)
+            partial.rename(self.free_map)  # whole or not at all: the server checks its size
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise SystemFailure(f"cannot write {self.free_map}: {e.strerror}") from e
+
+    def punch_runs(self, page_runs: list[tuple[int, int]]) -> int:
+        """Punch those pages out of the file: a hole costs no memory. Returns how many
+        pages. Raises SystemFailure."""
         try:
             fd = os.open(self.path, os.O_RDWR)
             try:
@@ -74,12 +85,16 @@ class MemoryImage:
                     punch(fd, first * PAGE, count * PAGE)
             finally:
                 os.close(fd)
-            partial.write_bytes(free_map)
-            partial.rename(self.free_map)  # whole or not at all: the server checks its size
         except OSError as e:
-            partial.unlink(missing_ok=True)
-            raise SystemFailure(f"cannot mark free pages in {self.path}: {e.strerror}") from e
+            raise SystemFailure(f"cannot punch free pages out of {self.path}: "
+                                f"{e.strerror}") from e  # fmt: skip
         return sum(count for _, count in page_runs)
+
+    async def settled(self) -> None:
+        """Until the holes of its last fork's free pages are punched: pages written
+        into it later must not be punched after them. Never raises."""
+        if self.punching is not None:
+            await asyncio.wait([self.punching])
 
     def release(self, user: str) -> None:
         """Forget a user; the last one out removes the file (if it is ours)."""

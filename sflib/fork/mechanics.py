@@ -83,6 +83,7 @@ async def _plan(vms: VMTable, vm: VM, image_path: Path) -> _Plan:
         return _Plan(None, m.files.memory, m.files.memory, in_place=False)
     base = vms.images.get(name)
     if base is not None and base.only_for(name) and base.path == m.files.memory:
+        await base.settled()  # the last fork's holes first: then this fork's pages
         return _Plan(base, m.files.memory, m.files.memory, in_place=True)
     # Clones or checkpoints still map it: the next image starts as a copy, made
     # while the VM runs (the image itself never changes).
@@ -186,25 +187,6 @@ def _adopt(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image: MemoryImage) 
     return image
 
 
-async def _mark_free(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:
-    """Mark the pages the guest reported free (runs of file pages) in ckpt's image,
-    before its first clone. After the parent runs again is soon enough: nobody reads
-    those pages before writing them (sflib.fork.freepages), so their content does
-    not matter, and a hole costs no memory. Never raises: clones then fetch them
-    like others."""
-    if not free:
-        return
-    pages = (ckpt.machine["memory_mib"] << 20) // freepages.PAGE
-
-    def mark() -> int:
-        return ckpt.image.mark_free(freepages.bitmap(free, pages), free)
-
-    try:
-        ckpt.free_pages = await asyncio.to_thread(mark)
-    except SystemFailure as e:
-        log.warning("%s: free pages not marked: %s", ckpt.owner, e)
-
-
 @dataclasses.dataclass(frozen=True)
 class CloneOrder:
     """What a clone is: its VM name, its ID, its family (the parent VM's name), for
@@ -254,3 +236,28 @@ async def restore_clone(vms: VMTable, qemu: str, ckpt: Checkpoint, order: CloneO
     ckpt.image.use(name)
     vms.images[name] = ckpt.image
     return clone
+
+
+async def _mark_free(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:
+    """Mark the pages the guest reported free (runs of file pages) in ckpt's image
+    before its first clone (the free map, which memtap reads as it mounts), then
+    punch them out of it in the background: nobody reads those pages before writing
+    them (sflib.fork.freepages), so their content does not matter, and a hole costs
+    no memory. Never raises: clones then fetch them like others."""
+    if not free:
+        return
+    pages = (ckpt.machine["memory_mib"] << 20) // freepages.PAGE
+    try:
+        await asyncio.to_thread(lambda: ckpt.image.mark_free(freepages.bitmap(free, pages)))
+    except SystemFailure as e:
+        log.warning("%s: free pages not marked: %s", ckpt.owner, e)
+        return
+    ckpt.free_pages = sum(count for _, count in free)
+    ckpt.image.punching = asyncio.create_task(_punch(ckpt, free))
+
+
+async def _punch(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:
+    try:
+        await asyncio.to_thread(ckpt.image.punch_runs, free)
+    except SystemFailure as e:
+        log.warning("%s: free pages kept: %s", ckpt.owner, e)

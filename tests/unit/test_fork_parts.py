@@ -187,7 +187,8 @@ def test_marking_free_pages_punches_them_out_of_the_image(tmp_path: Path) -> Non
     image.path.write_bytes(b"\1" * (16 * freepages.PAGE))
     runs = [(2, 3), (10, 1)]
     free_map = freepages.bitmap(runs, 16)
-    assert image.mark_free(free_map, runs) == 4
+    image.mark_free(free_map)
+    assert image.punch_runs(runs) == 4
     data = image.path.read_bytes()
     pages = [data[i * freepages.PAGE : (i + 1) * freepages.PAGE] for i in range(16)]
     assert [i for i, p in enumerate(pages) if p == bytes(freepages.PAGE)] == [2, 3, 4, 10]
