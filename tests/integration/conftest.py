@@ -174,8 +174,9 @@ STALL_LIMIT_MS = 1000  # a daemon's event loop held up longer fails the test
 def assert_no_stalls(*logs: Path) -> None:
     """No daemon's event loop stalled for more than STALL_LIMIT_MS (sflib.looplag)."""
     for log in logs:
-        worst = max(looplag.stalls(log.read_text(errors="replace")), default=0)
-        assert worst <= STALL_LIMIT_MS, f"{log}: event loop stalled {worst} ms"
+        # What the daemon held its loop for: a busy machine's delay is not its doing.
+        worst = max(looplag.held(log.read_text(errors="replace")), default=0)
+        assert worst <= STALL_LIMIT_MS, f"{log}: the daemon held its event loop {worst} ms"
 
 
 def _remove_leftovers(memory_dir: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +63,24 @@ def test_stall_lines_are_parsed_and_counted_from_a_log() -> None:
            "x\nevent loop stalled 99 ms (on CPU 0 ms)\n")  # fmt: skip
     assert looplag.stalls(log) == [1234, 99]
     assert looplag.stalls("nothing to see") == []
+    log += "sfld: WARNING: event loop stalled 1500 ms (on CPU 0 ms, waiting for a CPU 1400 ms)\n"
+    assert looplag.stalls(log) == [1234, 99, 1500]
+    assert looplag.held(log) == [1234, 99, 100]  # a starved daemon held its loop 100 ms
+
+
+def test_time_waiting_for_a_cpu_is_told_apart() -> None:
+    spent = looplag.run_delay()
+    assert 0 <= spent < 1e6
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+    try:
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:  # compete with them for the CPUs
+            pass
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert looplag.run_delay() > spent  # this thread waited for a CPU meanwhile
 
 
 @pytest.mark.parametrize("daemon", ["sfld", "sfmasterd"])
