@@ -15,6 +15,12 @@
  * the loop for at most about twice --timeout (the request, then one reconnection);
  * reads the page cache can answer never reach memtap at all.
  *
+ * Stopping: FUSE's handlers for SIGTERM, SIGINT and SIGHUP only mark the session as
+ * exited; the loop sees that once the request at hand is answered. A fetch waiting on
+ * the server gives up at once then (the reads fail with EIO), whenever the signal
+ * came: the socket is non-blocking, and every wait on it is a ppoll that unblocks
+ * those signals only while it waits (wait_sock).
+ *
  * Faults: a connection that fails (closed, reset, timeout, nonsense) is reopened
  * once. If that fails too the server is dead for good: reads that need missing pages
  * fail with EIO at once, cached pages are still served, .stats says so. A READ the
@@ -45,12 +51,15 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "memproto.h"
@@ -70,8 +79,9 @@ struct tap {
     char secret[MP_MAX_SECRET];
     size_t secret_len;
     unsigned long prefetch;
-    struct timeval timeout;
+    struct timespec timeout; /* of every wait on the socket */
     int ready_fd;
+    sigset_t stop_signals; /* those FUSE's handlers stop the loop on */
 
     /* The image and the connection. */
     uint64_t size, pages;
@@ -144,6 +154,32 @@ static int stopping(const struct tap *t)
     return t->fuse && fuse_session_exited(fuse_get_session(t->fuse));
 }
 
+/* Waits up to --timeout for the socket to be ready for events. The stop signals are
+ * blocked from the check of stopping() until ppoll, which restores the mask of before
+ * for the wait alone: a signal handled between the request's send and a blocking recv
+ * would have left that recv waiting for the whole timeout; here one that comes in
+ * between stays pending and ends the wait as it starts. Fails with EAGAIN on a
+ * timeout, EINTR if we are stopping. */
+static int wait_sock(struct tap *t, short events)
+{
+    struct pollfd pfd = {.fd = t->sock, .events = events};
+    sigset_t old;
+    int n = -1, err = 0;
+
+    if (sigprocmask(SIG_BLOCK, &t->stop_signals, &old) < 0)
+        return -1;
+    while (!stopping(t) && (n = ppoll(&pfd, 1, &t->timeout, &old)) < 0 && errno == EINTR)
+        ; /* a signal that does not stop us */
+    if (stopping(t))
+        err = EINTR;
+    else if (n <= 0)
+        err = n == 0 ? EAGAIN : errno;
+    if (sigprocmask(SIG_SETMASK, &old, NULL) < 0)
+        return -1;
+    errno = err;
+    return err ? -1 : 0;
+}
+
 /* Sends (out) or receives len bytes. Fails with EPIPE if the server closed the
  * connection, EAGAIN on a timeout, EINTR if we are stopping. */
 static int sock_io(struct tap *t, void *buf, size_t len, int out)
@@ -153,8 +189,11 @@ static int sock_io(struct tap *t, void *buf, size_t len, int out)
     while (len > 0) {
         /* MSG_NOSIGNAL: a reset connection is an error to handle, not a SIGPIPE. */
         ssize_t n = out ? send(t->sock, p, len, MSG_NOSIGNAL) : recv(t->sock, p, len, 0);
-        if (n < 0 && errno == EINTR && !stopping(t))
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) { /* non-blocking: not yet */
+            if (wait_sock(t, out ? POLLOUT : POLLIN) < 0)
+                return -1;
             continue;
+        }
         if (n <= 0) {
             errno = n == 0 ? EPIPE : errno;
             return -1;
@@ -167,7 +206,7 @@ static int sock_io(struct tap *t, void *buf, size_t len, int out)
 
 static const char *describe(int err)
 {
-    if (err == EAGAIN || err == EINPROGRESS) /* SO_RCVTIMEO, SO_SNDTIMEO on connect */
+    if (err == EAGAIN) /* wait_sock's timeout */
         return "no answer within the timeout";
     if (err == EPIPE)
         return "connection closed";
@@ -211,8 +250,23 @@ static void disconnect(struct tap *t)
     t->sock = -1;
 }
 
-/* A connection to the server, with the timeouts set before connect (on Linux
- * SO_SNDTIMEO bounds connect too). Returns -1 with why[] filled. */
+/* Connects the non-blocking socket, within --timeout and unless we are stopping. */
+static int connect_sock(struct tap *t, const struct addrinfo *ai)
+{
+    socklen_t len = sizeof(int);
+    int err;
+
+    if (connect(t->sock, ai->ai_addr, ai->ai_addrlen) == 0)
+        return 0;
+    if (errno != EINPROGRESS || wait_sock(t, POLLOUT) < 0 ||
+        getsockopt(t->sock, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        return -1;
+    errno = err;
+    return err ? -1 : 0;
+}
+
+/* A connection to the server, non-blocking: every wait on it is wait_sock's. Returns
+ * -1 with why[] filled. */
 static int dial(struct tap *t, char *why, size_t len)
 {
     struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *list, *ai;
@@ -225,13 +279,12 @@ static int dial(struct tap *t, char *why, size_t len)
     }
     err = 0;
     for (ai = list; ai && t->sock < 0; ai = ai->ai_next) {
-        t->sock = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        t->sock = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                         ai->ai_protocol);
         if (t->sock < 0 ||
-            setsockopt(t->sock, SOL_SOCKET, SO_RCVTIMEO, &t->timeout, sizeof t->timeout) < 0 ||
-            setsockopt(t->sock, SOL_SOCKET, SO_SNDTIMEO, &t->timeout, sizeof t->timeout) < 0 ||
             /* requests are small and each waits for its reply: send them at once */
             setsockopt(t->sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0 ||
-            connect(t->sock, ai->ai_addr, ai->ai_addrlen) < 0) {
+            connect_sock(t, ai) < 0) {
             err = errno;
             disconnect(t);
         }
@@ -723,7 +776,7 @@ static void parse_args(struct tap *t, int argc, char **argv)
         misuse("%s", "--server, --image, --cache and one MOUNTPOINT are needed");
     t->mountpoint = argv[optind];
     t->timeout.tv_sec = (time_t)timeout;
-    t->timeout.tv_usec = (suseconds_t)((timeout - (double)(time_t)timeout) * 1e6);
+    t->timeout.tv_nsec = (long)((timeout - (double)(time_t)timeout) * 1e9);
     if (t->ready_fd >= 0 && fcntl(t->ready_fd, F_GETFD) < 0)
         misuse("--ready-fd: %s", strerror(errno));
 }
@@ -825,6 +878,12 @@ int main(int argc, char **argv)
     int res = EXIT_STARTUP;
 
     fuse_set_log_func(fuse_logger);
+    /* Those fuse_set_signal_handlers stops the loop on (it ignores SIGPIPE). Valid
+     * signal numbers: these cannot fail. */
+    (void)sigemptyset(&t.stop_signals);
+    (void)sigaddset(&t.stop_signals, SIGTERM);
+    (void)sigaddset(&t.stop_signals, SIGINT);
+    (void)sigaddset(&t.stop_signals, SIGHUP);
     parse_args(&t, argc, argv);
     if (read_secret(&t) == 0 && start_up(&t) == 0)
         res = serve(&t, argv[0]);

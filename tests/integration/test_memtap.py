@@ -1,6 +1,7 @@
 """memtap (c/memtap.c) against a fake memory server: lazy reads through the FUSE
 mount, its cache, prefetch, private mappings as QEMU makes them, a server that dies
-or goes silent, start-up failures, and a run under valgrind.
+or goes silent, a SIGTERM during a fetch, start-up failures, and a run under
+valgrind.
 
 The fake server speaks the protocol with sflib.memory.protocol's codec only, serves
 files of a folder with the free-page map it is given, and records each READ it answers,
@@ -691,13 +692,28 @@ def test_a_server_breaking_the_protocol_is_given_up(
         check_degraded(tap, server, source, fd)
 
 
-SYS_RECVFROM = 45  # x86-64, which recv(2) calls
+SYS_PPOLL = 271  # x86-64
 
 
 def waiting_for_the_server(pid: int) -> bool:
-    """Whether memtap is blocked in a recv (the server's socket is the only one it
-    receives from)."""
-    return Path(f"/proc/{pid}/syscall").read_text().split()[0] == str(SYS_RECVFROM)
+    """Whether memtap is blocked in a ppoll (it polls nothing but the server's socket:
+    libfuse's loop reads /dev/fuse)."""
+    return Path(f"/proc/{pid}/syscall").read_text().split()[0] == str(SYS_PPOLL)
+
+
+def read_in_background(fd: int, page: int) -> tuple[threading.Thread, list[int]]:
+    """A thread reading page, started, and the errno its read fails with, once it has."""
+    failures: list[int] = []
+
+    def read() -> None:
+        try:
+            pread_page(fd, page)
+        except OSError as e:
+            failures.append(e.errno or 0)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    return reader, failures
 
 
 def test_sigterm_during_a_fetch_stops_at_once(
@@ -706,21 +722,11 @@ def test_sigterm_during_a_fetch_stops_at_once(
     make_image(images, 64)
     tap = mount(server, "--timeout", "20")
     server.silent.set()
-    failures: list[int] = []
     fd = os.open(tap.file, os.O_RDONLY)
-
-    def read() -> None:
-        try:
-            pread_page(fd, 0)
-        except OSError as e:
-            failures.append(e.errno or 0)
-
-    reader = threading.Thread(target=read)
-    reader.start()
+    reader, failures = read_in_background(fd, 0)
     assert server.held.wait(20), "memtap's READ never reached the server"
     assert server.reads == []  # in flight
-    # Signalled once blocked on the answer. (A SIGTERM that comes between the request's
-    # send and that recv is only seen at the timeout: memtap's own race, not tested.)
+    # Signalled once blocked on the answer (a signal that comes before: the next test).
     deadline = time.monotonic() + 20
     while not waiting_for_the_server(tap.proc.pid):
         assert time.monotonic() < deadline, "memtap does not wait for the answer"
@@ -731,6 +737,80 @@ def test_sigterm_during_a_fetch_stops_at_once(
     reader.join(5)
     with contextlib.suppress(OSError):  # ENOTCONN: the file system is gone
         os.close(fd)
+    assert failures and failures[0] in (errno.EIO, errno.ENOTCONN, errno.ECONNABORTED)
+    assert "lost the memory server" not in tap.output()  # leaving, not a server fault
+
+
+# Preloaded into memtap: the first READ it sends is followed at once by a SIGTERM to
+# itself, so the signal is handled after the request left and before memtap waits for
+# the reply, every time (on a busy machine a pre-empted memtap lands there by chance).
+SIGNAL_AFTER_READ = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+typedef ssize_t send_fn(int, const void *, size_t, int);
+
+ssize_t send(int fd, const void *buf, size_t len, int flags)
+{
+    static int done;
+    send_fn *real = (send_fn *)dlsym(RTLD_NEXT, "send");
+    ssize_t n = real(fd, buf, len, flags);
+    uint16_t op = 0;
+
+    if (n >= 24)
+        memcpy(&op, (const char *)buf + 4, sizeof op);
+    if (op == 3 && !done) { /* MP_OP_READ, little-endian like the host */
+        static const char said[] = "test: SIGTERM after the READ\n";
+        done = 1;
+        if (write(2, said, sizeof said - 1) < 0 || kill(getpid(), SIGTERM) < 0)
+            _exit(99);
+    }
+    return n;
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def signal_after_read(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A library to LD_PRELOAD into memtap (SIGNAL_AFTER_READ)."""
+    folder = tmp_path_factory.mktemp("preload")
+    (folder / "shim.c").write_text(SIGNAL_AFTER_READ)
+    out = subprocess.run(["cc", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-o",
+                          str(folder / "shim.so"), str(folder / "shim.c"), "-ldl"],
+                         capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return folder / "shim.so"
+
+
+def test_sigterm_before_the_wait_for_a_reply_stops_at_once(
+    server: FakeServer, images: Path, mount: Mount, signal_after_read: Path
+) -> None:
+    """The race: a SIGTERM handled after the READ is sent but before memtap waits for
+    the reply (not yet in recv) must end that wait at once, not at --timeout."""
+    make_image(images, 64)
+    timeout = 20.0
+    tap = mount(server, "--timeout", str(timeout),
+                wrapper=["env", f"LD_PRELOAD={signal_after_read}"])  # fmt: skip
+    server.silent.set()  # no reply ever: only the signal can end the wait
+    fd = os.open(tap.file, os.O_RDONLY)
+    reader, failures = read_in_background(fd, 0)
+    assert server.held.wait(20), "memtap's READ never reached the server"
+    bound = timeout / 4  # well under the timeout, and ample for a stop
+    try:
+        status = tap.proc.wait(bound)
+    except subprocess.TimeoutExpired:
+        status = None
+    reader.join(timeout)
+    with contextlib.suppress(OSError):  # ENOTCONN: the file system is gone
+        os.close(fd)
+    said = tap.output()
+    assert "test: SIGTERM after the READ" in said, f"the shim never saw the READ:\n{said}"
+    assert status == 0, f"still running {bound} s after the SIGTERM:\n{said}"
     assert failures and failures[0] in (errno.EIO, errno.ENOTCONN, errno.ECONNABORTED)
     assert "lost the memory server" not in tap.output()  # leaving, not a server fault
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,16 @@ def netns() -> set[str]:
     return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
 
 
-def test_a_cluster_comes_up_is_seen_and_goes_away(guest_image: image.Result) -> None:
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """The cluster's folder, removed after the test whether it passed or not."""
+    path = Path(tempfile.mkdtemp(prefix="sfc-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path)
+
+
+def test_a_cluster_comes_up_is_seen_and_goes_away(guest_image: image.Result, work: Path) -> None:
     before = netns()
-    work = Path(tempfile.mkdtemp(prefix="sfc-", dir="/tmp"))
     r, w = os.pipe()
     proc = subprocess.Popen([str(ROOT / "bin/sf-testcluster"), "run", "--hosts", "2", "--dir",
                              str(work), "--accel", "tcg", "--image-dir", str(guest_image.out),
@@ -50,7 +58,6 @@ def test_a_cluster_comes_up_is_seen_and_goes_away(guest_image: image.Result) -> 
     assert status == 0, proc.stderr.read().decode()  # type: ignore[union-attr]
     assert netns() == before
     leftover = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, check=False)
-    shutil.rmtree(work)
     assert leftover.returncode == 1, leftover.stdout  # no daemon of it runs
 
 
