@@ -155,13 +155,17 @@ class HostedClones:
 
     def _introduce(self, clone: VM, hosted: HostedClone, order: CloneStart) -> None:
         domid = clone.machine.spec.domid
+        # Its shares go into its own domain: its parent's is on the other host, where
+        # on_share carries them.
+        share = f"/local/domain/{domid}/{layout.share_dir(hosted.ticket, hosted.clone_id)}"
         identity = Identity(hosted.clone_id, order.family, hosted.ticket, domid,
-                            order.parent_domid, self.link.host, hosted.owner_host)  # fmt: skip
+                            order.parent_domid, self.link.host, hosted.owner_host,
+                            share)  # fmt: skip
         network = self.vms.published_network(clone)
         local = self.vms.bus.local
         local.write(f"/local/domain/{domid}/{layout.IDENTITY}",
                     json.dumps(identity.to_json(network)).encode())  # fmt: skip
-        local.mkdir(f"/local/domain/{domid}/{layout.share_dir(hosted.ticket, hosted.clone_id)}")
+        local.mkdir(share)
 
     # What the clones say -------------------------------------------------------------
 

@@ -90,13 +90,13 @@ class LocalClones:
     def _introduce(self, parent: VM, clone: VM, ticket: Ticket, k: int) -> None:
         """Tell a clone who it is, and give it its corner of the family's share."""
         parent_domid, domid = parent.machine.spec.domid, clone.machine.spec.domid
+        corner = f"/local/domain/{parent_domid}/{layout.share_dir(ticket.id, k)}"
         identity = Identity(k, parent.machine.spec.name, ticket.id, domid, parent_domid,
-                            self.here, self.here)  # fmt: skip
+                            self.here, self.here, corner)  # fmt: skip
         local = self.vms.bus.local
         network = self.vms.published_network(clone)
         local.write(f"/local/domain/{domid}/{layout.IDENTITY}",
                     json.dumps(identity.to_json(network)).encode())  # fmt: skip
-        corner = f"/local/domain/{parent_domid}/{layout.share_dir(ticket.id, k)}"
         local.mkdir(corner)
         # What the clone writes there is its own, readable and removable by the parent.
         local.set_perms(corner, [f"n{parent_domid}", f"b{domid}", f"b{parent_domid}"])

@@ -90,6 +90,7 @@ class Identity:
     parent_domid: int  # on the parent's host
     host: str  # the host that runs it
     parent_host: str
+    share: str  # the XenStore folder its sf-share put writes (sflib.fork.share)
 
     def to_json(self, network: dict[str, Any] | None = None) -> dict[str, Any]:
         """With the clone's identity on its family network, if it has one."""

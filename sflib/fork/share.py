@@ -42,10 +42,8 @@ def put(key: str, data: bytes) -> str:
     """Store data under key in this clone's share folder (in a parent: in its own
     domain, for the host to collect); returns the path used."""
     me = identity()
-    if me:
-        folder = f"/local/domain/{me['parent_domid']}/{layout.share_dir(me['ticket'], me['id'])}"
-    else:
-        folder = layout.share_dir(PARENT, 0)
+    # In a clone sfld says where: its parent's domain, or (another host's) its own.
+    folder = str(me["share"]) if me else layout.share_dir(PARENT, 0)
     base = f"{folder}/{_check_key(key)}"
     with open_bus() as client:
         parts = chunks(data)

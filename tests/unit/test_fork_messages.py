@@ -51,8 +51,10 @@ def test_every_member_hears_its_own_id_and_seed() -> None:
 
 
 def test_an_identity_is_the_same_keys_on_every_host() -> None:
-    here = Identity(1, "farm", "t1", 7, 4, "h1", "h1").to_json({"ip": "10.0.16.3/20"})
-    there = Identity(2, "farm", "t1", 3, 4, "h2", "h1").to_json()
+    here = Identity(1, "farm", "t1", 7, 4, "h1", "h1", "/local/domain/4/x").to_json(
+        {"ip": "10.0.16.3/20"}
+    )
+    there = Identity(2, "farm", "t1", 3, 4, "h2", "h1", "/local/domain/3/x").to_json()
     assert set(here) - {"ip"} == set(there)
     assert here["parent_domid"] == there["parent_domid"] == 4
     assert there["host"] == "h2" and there["parent_host"] == "h1"
