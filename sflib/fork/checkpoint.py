@@ -54,12 +54,13 @@ class Checkpoint:
     pause_ms: float | None = None
     free_pages: int = 0  # pages the guest reported free: never sent to clones
     finishing: asyncio.Task[None] | None = None  # marks the free pages, after the pause
+    mapped: asyncio.Event = field(default_factory=asyncio.Event)  # its free map is written
 
     async def ready(self) -> None:
-        """Until the image is final (its free pages marked): clones map it only
-        then. Never raises: an image whose pages could not be marked serves them."""
+        """Until the image's free map is written: clones map it only then. Never
+        raises: an image whose pages could not be marked serves them."""
         if self.finishing is not None:
-            await asyncio.shield(self.finishing)
+            await self.mapped.wait()
 
     @property
     def devstate(self) -> Path:

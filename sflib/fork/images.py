@@ -50,7 +50,7 @@ class MemoryImage:
     path: Path
     users: set[str] = field(default_factory=set)
     owned: bool = True  # False: another host's image, seen through memtap
-    punching: asyncio.Task[None] | None = None  # its free pages, punched after a fork
+    settling: asyncio.Task[None] | None = None  # its free pages marked and punched
 
     def use(self, user: str) -> None:
         self.users.add(user)
@@ -74,27 +74,33 @@ class MemoryImage:
         except OSError as e:
             partial.unlink(missing_ok=True)
             raise SystemFailure(f"cannot write {self.free_map}: {e.strerror}") from e
+        if not self.path.exists():  # released meanwhile: its map goes with it
+            self.free_map.unlink(missing_ok=True)
 
     def punch_runs(self, page_runs: list[tuple[int, int]]) -> int:
         """Punch those pages out of the file: a hole costs no memory. Returns how many
-        pages. Raises SystemFailure."""
+        pages (0 if the file is gone). Raises SystemFailure."""
         try:
             fd = os.open(self.path, os.O_RDWR)
-            try:
-                for first, count in page_runs:
-                    punch(fd, first * PAGE, count * PAGE)
-            finally:
-                os.close(fd)
+        except FileNotFoundError:
+            return 0  # its last user left
+        except OSError as e:
+            raise SystemFailure(f"cannot open {self.path}: {e.strerror}") from e
+        try:
+            for first, count in page_runs:
+                punch(fd, first * PAGE, count * PAGE)
         except OSError as e:
             raise SystemFailure(f"cannot punch free pages out of {self.path}: "
                                 f"{e.strerror}") from e  # fmt: skip
+        finally:
+            os.close(fd)
         return sum(count for _, count in page_runs)
 
     async def settled(self) -> None:
-        """Until the holes of its last fork's free pages are punched: pages written
+        """Until its last fork's free pages are marked and punched: pages written
         into it later must not be punched after them. Never raises."""
-        if self.punching is not None:
-            await asyncio.wait([self.punching])
+        if self.settling is not None:
+            await asyncio.wait([self.settling])
 
     def release(self, user: str) -> None:
         """Forget a user; the last one out removes the file (if it is ours)."""

@@ -71,7 +71,7 @@ async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: boo
     image = _adopt(vms, vm, new, plan, MemoryImage(image_path, {checkpoint_id, old.spec.name}))
     ckpt = Checkpoint(checkpoint_id, old.spec.name, named, dir, image, snap, machine_of(old.spec))
     ckpt.pause_ms = round((resumed - started) * 1000, 1)
-    ckpt.finishing = asyncio.create_task(_mark_free(ckpt, plan.free))
+    ckpt.finishing = image.settling = asyncio.create_task(_mark_free(ckpt, plan.free))
     vms.retire(old)  # its exit unmaps all it touched: not part of the pause
     return ckpt
 
@@ -241,22 +241,21 @@ async def restore_clone(vms: VMTable, qemu: str, ckpt: Checkpoint, order: CloneO
 async def _mark_free(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:
     """Mark the pages the guest reported free (runs of file pages) in ckpt's image
     before its first clone (the free map, which memtap reads as it mounts), then
-    punch them out of it in the background: nobody reads those pages before writing
-    them (sflib.fork.freepages), so their content does not matter, and a hole costs
-    no memory. Never raises: clones then fetch them like others."""
-    if not free:
-        return
+    punch them out of it: nobody reads those pages before writing them
+    (sflib.fork.freepages), so their content does not matter, and a hole costs no
+    memory. Clones wait for the map only (ckpt.ready); a next fork that writes into
+    the image waits for the holes too (MemoryImage.settled). Never raises: clones
+    then fetch those pages like others."""
     pages = (ckpt.machine["memory_mib"] << 20) // freepages.PAGE
     try:
-        await asyncio.to_thread(lambda: ckpt.image.mark_free(freepages.bitmap(free, pages)))
+        if free:
+            await asyncio.to_thread(lambda: ckpt.image.mark_free(freepages.bitmap(free, pages)))
+            ckpt.free_pages = sum(count for _, count in free)
     except SystemFailure as e:
         log.warning("%s: free pages not marked: %s", ckpt.owner, e)
         return
-    ckpt.free_pages = sum(count for _, count in free)
-    ckpt.image.punching = asyncio.create_task(_punch(ckpt, free))
-
-
-async def _punch(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:
+    finally:
+        ckpt.mapped.set()
     try:
         await asyncio.to_thread(ckpt.image.punch_runs, free)
     except SystemFailure as e:
