@@ -149,6 +149,7 @@ def test_a_fork_while_the_last_ones_clones_start_and_run(host: Host, overlap_ima
     assert "over: copying memory image" in log
 
 
+@pytest.mark.timeout(1800)  # three hosts' VMs under TCG
 def test_overlapping_forks_across_hosts(guest_image: image.Result, overlap_image: Path) -> None:
     with running_cluster(guest_image, 3) as cluster:
         h1 = cluster.hosts[0]
@@ -186,6 +187,7 @@ echo SF-DONE
 """
 
 
+@pytest.mark.timeout(1800)  # 2 minutes of uptime first, then five forks over three hosts
 def test_five_forks_across_hosts_each_clone_unique(guest_image: image.Result) -> None:
     with running_cluster(guest_image, 3) as cluster:
         h1 = cluster.hosts[0]
