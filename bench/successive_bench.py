@@ -55,7 +55,8 @@ STALL = re.compile(
     r"event loop stalled (\d+) ms \(on CPU (\d+) ms(?:, waiting for a CPU (\d+) ms)?\)"
 )
 ROUND = re.compile(r"^SF-ROUND (\d+) rc=(\d+) avail=(\d+)", re.M)
-ROUND_TIMEOUT = 900.0  # seconds for one round under TCG on a busy machine
+FAIL, DONE = re.compile(r"^SF-FAIL .*", re.M), re.compile(r"^SF-DONE", re.M)
+ROUND_TIMEOUT = 600.0  # seconds for one round under TCG on a busy machine
 LOGS = BUILD_DIR / "bench" / "successive"  # the daemons' logs of the last run, kept
 # Hosts in the test cluster, and a label; the allocator puts clones on other hosts first.
 SETUPS = {"one-host": (1, "one host"), "cluster": (3, "3 hosts")}
@@ -64,7 +65,6 @@ SETUPS = {"one-host": (1, "one host"), "cluster": (3, "3 hosts")}
 SCRIPT = """\
 g() {{ python3 -c "
 import time
-import zlib
 from sflib.vm.guestbus import open_bus
 b = open_bus()
 while True:
@@ -78,7 +78,11 @@ while [ $r -lt {forks} ]; do
   dd if=/dev/urandom of=/tmp/w$r bs=1M count={mib} 2>/dev/null
   t=$(sf-ticket {clones})
   id=$(sf-clone "$t")
-  [ "$id" = 0 ] || {{ sf-exit 0; sleep 100000; }}
+  case "$id" in
+    0) ;;
+    [1-9]*) sf-exit 0; sleep 100000;;
+    *) sf-exit 3; echo "SF-FAIL $r: sf-clone printed '$id'"; exit 1;;
+  esac
   sf-join "$t" >/dev/null; j=$?
   echo "SF-ROUND $r rc=$j avail=$(awk '/MemAvailable/ {{print $2}}' /proc/meminfo)"
   g $r
@@ -131,17 +135,20 @@ class Parent:
                               capture_output=True, text=True, timeout=60,
                               check=False).stdout  # fmt: skip
 
-    def wait(self, pattern: re.Pattern[str], count: int) -> list[re.Match[str]]:
-        """The console's matches once it has count of them. Raises SystemExit."""
-        deadline = time.monotonic() + ROUND_TIMEOUT
+    def wait(self, pattern: re.Pattern[str], count: int) -> re.Match[str] | str:
+        """The count-th match on the console, or why it will not come: the guest's
+        failure line (FAIL) or a timeout."""
+        deadline, text = time.monotonic() + ROUND_TIMEOUT, ""
         while time.monotonic() < deadline:
             text = self.console()
             found = list(pattern.finditer(text))
             if len(found) >= count:
-                return found
+                return found[count - 1]
+            failed = FAIL.search(text)
+            if failed:
+                return failed.group(0)
             time.sleep(0.5)
-        raise SystemExit(f"{self.name}: round {count} not seen:\n{text[-3000:]}\n"
-                         f"{self.host.daemon.log.read_text()[-3000:]}")  # fmt: skip
+        return f"{pattern.pattern} #{count} not on the console after {ROUND_TIMEOUT:.0f} s"
 
     def go(self, r: int) -> None:
         env = {**os.environ, "XENSTORED_PATH": str(self.host.daemon.run_dir / "xenstored.sock")}
@@ -151,7 +158,7 @@ class Parent:
     def memory(self) -> dict[str, float]:
         """MiB the images hold (allocated, not apparent size), the parent's own copies
         of guest pages (written since its last fork: in no image yet), its QEMU's PSS
-        and anonymous PSS (TCG's code buffer and heap too), the host's Shmem."""
+        and anonymous PSS (TCG's code buffer and heap too)."""
         files = list(self.memory_dir.glob("*.mem"))
         (vm,) = [v for v in self.host.tool("sf-vm", "ls") if v["name"] == self.name]
         pss = _smaps_rollup(int(vm["pid"]))
@@ -163,8 +170,8 @@ class Parent:
         return {"image_mib": sum(p.stat().st_blocks * 512 for p in files) / MIB,
                 "changed_mib": changed,
                 "files": len(files), "own_mib": _own_pages(int(vm["pid"]), files) * PAGE / MIB,
-                "pss_mib": pss.get("Pss", 0) / 1024, "anon_mib": pss.get("Pss_Anon", 0) / 1024,
-                "shmem_mib": _meminfo("Shmem") / 1024}  # fmt: skip
+                "pss_mib": pss.get("Pss", 0) / 1024,
+                "anon_mib": pss.get("Pss_Anon", 0) / 1024}  # fmt: skip
 
 
 def page_sums(path: Path) -> dict[int, int]:
@@ -207,41 +214,37 @@ def _smaps_rollup(pid: int) -> dict[str, int]:
     return {f[0].rstrip(":"): int(f[1]) for f in (line.split() for line in lines) if len(f) >= 2}
 
 
-def _meminfo(key: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1])
-    return 0
-
-
 def run_setup(where: str, memory: int, forks: int, write_mib: int, clones: int) -> dict[str, Any]:
     """One parent, forks rounds; every round's figures, and the daemons' worst stalls.
-    write_mib 0: as much as the guest's RAM holds for every round, at most 16 MiB."""
+    write_mib 0: as much as the guest's RAM holds for every round, at most 16 MiB.
+    A round that fails ends the run: "failed" says why, its console is kept in LOGS."""
     write_mib = write_mib or auto_write_mib(memory, forks)
-    load = os.getloadavg()[0]
+    load, keep = os.getloadavg()[0], LOGS / f"{memory}-{where}"
+    keep.mkdir(parents=True, exist_ok=True)
     with testbed(SETUPS[where][0]) as bed:
         parent = Parent(Host(bed.hosts[0]), f"succ{memory}")
         parent.boot(SCRIPT.format(forks=forks, mib=write_mib, clones=clones), memory)
-        before, rounds, seen = parent.memory(), [], set()
+        before, rounds, seen, failed = parent.memory(), [], set(), None
         parent.go(0)  # the guest writes nothing before this
-        for r in range(1, forks + 1):
-            line = parent.wait(ROUND, r)[r - 1]
+        for r in range(1, forks + 2):
+            line = parent.wait(ROUND, r) if r <= forks else parent.wait(DONE, 1)
+            if isinstance(line, str) or r > forks:
+                failed = line if isinstance(line, str) else None
+                break
             (ticket,) = [t for t in parent.host.tool("sf-vm", "tickets")
                          if t["ticket"] not in seen]  # fmt: skip
             seen.add(ticket["ticket"])
             rounds.append(_round(r, line, ticket, parent.memory()))
             parent.go(r)
-        parent.wait(re.compile(r"^SF-DONE", re.M), 1)
+        (keep / "console.log").write_text(parent.console())
         parent.host.stop(parent.name)
         left = [str(p) for p in parent.memory_dir.glob("*")]
         lag = {d.name: _worst_stall(d.log) for d in [*bed.hosts, bed.master]}
-        keep = LOGS / f"{memory}-{where}"
-        keep.mkdir(parents=True, exist_ok=True)
         for d in [*bed.hosts, bed.master]:
             shutil.copy(d.log, keep / f"{d.name}.log")
     return {"where": SETUPS[where][1], "memory_mib": memory, "write_mib": write_mib,
-            "clones": clones, "before": before, "rounds": rounds, "loop_lag": lag,
-            "left": left, "load": [load, os.getloadavg()[0]]}  # fmt: skip
+            "clones": clones, "before": before, "rounds": rounds, "failed": failed,
+            "loop_lag": lag, "left": left, "load": [load, os.getloadavg()[0]]}  # fmt: skip
 
 
 def auto_write_mib(memory: int, forks: int) -> int:
@@ -257,7 +260,8 @@ def _round(r: int, line: re.Match[str], ticket: dict[str, Any],
             "guest_avail_mib": int(line.group(3)) / 1024,
             "pause_ms": ticket["pause_ms"], "ready_ms": max((c["ready_ms"] or 0) for c in cl),
             "hosts": sorted({c["host"] or "h1" for c in cl}),
-            "states": sorted({c["state"] for c in cl}), **held}  # fmt: skip
+            "states": sorted({c["state"] for c in cl}),
+            "statuses": [c["status"] for c in cl], **held}  # fmt: skip
 
 
 def _worst_stall(log: Path) -> dict[str, int]:
@@ -302,18 +306,21 @@ def table(res: dict[str, Any]) -> Table:
                   _ratio(r["image_mib"], first["image_mib"]), f"{growth:+.1f}",
                   _ratio(growth, res["write_mib"]),
                   f"{r['own_mib']:.1f}", f"{r['pss_mib']:.0f}",
-                  " ".join(r["states"]))  # fmt: skip
+                  " ".join(r["states"]) + " " + ",".join(map(str, r["statuses"])))  # fmt: skip
     return t
 
 
 def goals(res: dict[str, Any]) -> list[str]:
     """The issue's goals beside the figures (printed, not asserted)."""
     rows, n = res["rounds"], len(res["rounds"])
+    failed = [f"FAILED after {n} forks: {res['failed']}"] if res["failed"] else []
+    if not rows:
+        return failed
     pause = rows[-1]["pause_ms"] / rows[0]["pause_ms"]
     growth = [b["image_mib"] - a["image_mib"] for a, b in itertools.pairwise(rows)]
     per = [g / res["write_mib"] for g in growth]
     mean = sum(per) / len(per) if per else 0.0
-    lines = [f"goal: fork {n}'s pause within 1.2x of fork 1's: {pause:.2f}x "
+    lines = [*failed, f"goal: fork {n}'s pause within 1.2x of fork 1's: {pause:.2f}x "
              f"({'met' if pause <= 1.2 else 'NOT met'})"]  # fmt: skip
     if n > 2:  # fork 1 renames the RAM file; every later one copies the pages written
         lines.append(f"  fork {n}'s pause against fork 2's (the first that copies pages): "
@@ -345,7 +352,8 @@ def lag_table(results: list[dict[str, Any]]) -> Table:
 def print_tables(results: list[dict[str, Any]]) -> None:
     out = Console(width=180)
     for res in results:
-        out.print(table(res))
+        if res["rounds"]:
+            out.print(table(res))
         for line in goals(res):
             out.print(f"  {line}")
     out.print(lag_table(results))
