@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from sflib.errors import SystemFailure
-from sflib.fork import freepages, images
+from sflib.fork import freepages, images, layout
 from sflib.fork.checkpoint import Checkpoint, machine_of
 from sflib.fork.images import MemoryImage
 from sflib.memory import tap
@@ -121,7 +121,8 @@ async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: P
     try:
         dir.mkdir(parents=True)
         await old.save_devices(dir / "devstate")
-        snap = snapshot.take(vms.bus.store, old.spec.domid)
+        # Not what its clones shared: theirs, not a clone's, and it grows fork by fork.
+        snap = snapshot.take(vms.bus.store, old.spec.domid, leave_out=(layout.SHARE,))
         pages = await asyncio.to_thread(_freeze_memory, old.pid or 0, plan, image_path)
         await new.load_state(dir / "devstate")
     except BaseException:

@@ -43,18 +43,23 @@ class DomainSnapshot:
         )
 
 
-def take(store: Store, domid: int) -> DomainSnapshot:
-    """Raises ENOENT if the domain has no subtree."""
+def take(store: Store, domid: int, leave_out: tuple[str, ...] = ()) -> DomainSnapshot:
+    """The domain's subtree, less the folders leave_out names (relative to the
+    domain), and its watches. Costs what that subtree holds, not the whole store.
+    Raises ENOENT if the domain has no subtree."""
     top = names.domain_path(domid)
     if top not in store.nodes.nodes:
         raise XenStoreError(errno.ENOENT, top)
-    nodes = []
-    for path, node in sorted(store.nodes.nodes.items()):
-        if names.is_within(path, top):
-            nodes.append((path[len(top) :], node.value, node.perms))
+    skip = {f"{top}/{rel}" for rel in leave_out}
+    nodes, todo = [], [top]
+    while todo:
+        path = todo.pop()
+        node = store.nodes.nodes[path]
+        nodes.append((path[len(top) :], node.value, node.perms))
+        todo += [kid for kid in (f"{path}/{c}" for c in node.children) if kid not in skip]
     watches = tuple(w for s in store.sessions.values() if s.domid == domid
                     for w in s.watches.values())  # fmt: skip
-    return DomainSnapshot(domid, tuple(nodes), watches)
+    return DomainSnapshot(domid, tuple(sorted(nodes)), watches)
 
 
 def restore(store: Store, snap: DomainSnapshot, dst: int, into: Session) -> list[Event]:
@@ -71,10 +76,15 @@ def restore(store: Store, snap: DomainSnapshot, dst: int, into: Session) -> list
     parent = store.nodes.nodes[names.parent(top)]
     kids = (*parent.children, names.basename(top))
     store.nodes.set_node(names.parent(top), Node(parent.value, parent.perms, kids))
+    kids_of: dict[str, list[str]] = {rel: [] for rel, _, _ in snap.nodes}
+    for rel, _, _ in snap.nodes:
+        if rel:
+            kids_of.setdefault(names.parent(rel) if "/" in rel[1:] else "", []).append(
+                names.basename(rel)
+            )
     for rel, value, perms in snap.nodes:
-        path = top + rel
-        children = tuple(_children(snap, rel))
-        store.nodes.set_node(path, Node(value, rebind(perms, snap.domid, dst), children))
+        store.nodes.set_node(top + rel, Node(value, rebind(perms, snap.domid, dst),
+                                             tuple(kids_of[rel])))  # fmt: skip
     old_top = names.domain_path(snap.domid)
     for w in snap.watches:
         path = top + w.path[len(old_top) :] if w.relative else w.path
@@ -82,9 +92,3 @@ def restore(store: Store, snap: DomainSnapshot, dst: int, into: Session) -> list
     store.introduced.add(dst)
     top_perms = store.nodes.nodes[top].perms if snap.nodes else (Perm.parse(f"n{dst}"),)
     return store.fire([Change(top, top_perms)]) + store.fire_special("@introduceDomain")
-
-
-def _children(snap: DomainSnapshot, rel: str) -> list[str]:
-    prefix = rel + "/"
-    return [p[len(prefix):] for p, _, _ in snap.nodes
-            if p.startswith(prefix) and "/" not in p[len(prefix):]]  # fmt: skip

@@ -284,6 +284,30 @@ def test_clone_domain_copies_subtree_and_watches(store: Store) -> None:
         snapshot.take(store, 42)
 
 
+def test_a_snapshot_leaves_out_what_it_is_told_and_other_domains(store: Store) -> None:
+    d0 = caller(store, 0)
+    for domid in (5, 6):
+        make_domain(d0, domid)
+    d5, d6 = caller(store, 5), caller(store, 6)
+    d5(Op.WRITE, b"snowflock/share/t1/1/result/0\0big")
+    d5(Op.WRITE, b"snowflock/identity\0me")
+    d5(Op.WRITE, b"a/b/c\0deep")
+    d6(Op.WRITE, b"other\0not mine")
+    snap = snapshot.take(store, 5, leave_out=("snowflock/share",))
+    paths = [p for p, _, _ in snap.nodes]
+    assert "/snowflock/identity" in paths and "/a/b/c" in paths and "" in paths
+    assert not any(p.startswith("/snowflock/share") for p in paths)
+    assert not any("other" in p for p in paths)
+    assert paths == sorted(paths)
+    clone = caller(store, 9)
+    snapshot.restore(store, snap, 9, clone.session)
+    assert clone(Op.READ, payload("a/b/c")) == b"deep"
+    assert clone(Op.DIRECTORY, payload("snowflock")) == b"identity\0"
+    assert err(clone, Op.READ, payload("snowflock/share/t1/1/result/0")) == "ENOENT"
+    clone(Op.WRITE, b"snowflock/share/t2/1/x/0\0mine")  # its own shares, when it forks
+    assert clone(Op.READ, payload("snowflock/share/t2/1/x/0")) == b"mine"
+
+
 def test_snapshot_survives_json_and_later_changes(store: Store) -> None:
     d0 = caller(store, 0)
     make_domain(d0, 5)
