@@ -75,6 +75,7 @@ class Calls:
         free = self._free_report(vm, request)  # first: gone even if the clone is refused
         ticket = self.book.usable(_str(request.args, "ticket"), vm.machine.spec.name)
         async with self._forking(vm):  # only the checkpoint: its clones start after
+            log.info("%s: forking for ticket %s", vm.machine.spec.name, ticket.id)
             ckpt = await self._checkpoint(vm, request.rid, named=False, free=free)
         self.life.checkpoints[ckpt.id] = ckpt
         ticket.pause_ms, ticket.checkpoint = ckpt.pause_ms, ckpt.id

@@ -69,7 +69,8 @@ class Ticket:
                 "granted": self.granted, "state": str(self.state), "pause_ms": self.pause_ms,
                 "revoked": self.revoked,
                 "placement": self.placement,
-                "clones": {str(k): c.to_json() for k, c in self.clones.items()}}  # fmt: skip
+                "clones": {str(k): self.clones[k].to_json()
+                           for k in sorted(self.clones)}}  # fmt: skip
 
     def ids_by_host(self, here: str) -> dict[str, list[int]]:
         """Which clone IDs (1..granted) each host runs, in placement order."""
