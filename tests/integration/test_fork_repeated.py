@@ -125,19 +125,6 @@ def overlapping_forks(host: Host, image: Path, n1: int) -> str:
     return out
 
 
-def first_fork_still_starting(log: str) -> bool:
-    """Whether the second fork began (its checkpoint under way) before the first
-    fork's clones all ran."""
-    forks = [(m.start(), m.group(1)) for m in re.finditer(r"over: forking for ticket ([\w-]+)",
-                                                           log)]  # fmt: skip
-    assert len(forks) == 2, log[-3000:]
-    (_, first), (second_start, _) = forks
-    ticket = re.escape(first)
-    started = rf"(clone \d+ of ticket {ticket} running|ticket {ticket}: clones .* running on)"
-    running = [m.start() for m in re.finditer(started, log)]
-    return bool(running) and second_start < max(running)
-
-
 @pytest.fixture
 def overlap_image(guest_image: image.Result, tmp_path: Path) -> Path:
     return overlay(guest_image.out, tmp_path / "image",
@@ -156,9 +143,8 @@ def test_overlapping_forks_across_hosts(guest_image: image.Result, overlap_image
     with running_cluster(guest_image, 3) as cluster:
         h1 = cluster.hosts[0]
         overlapping_forks(h1, overlap_image, n1=6)
-        log = h1.log.read_text()
-        # Its clones on other hosts start a while: the second fork comes meanwhile.
-        assert first_fork_still_starting(log), "the second fork came too late to overlap"
+        # The first fork's clones on h1 still mapped its image: the second is a copy.
+        assert "over: copying memory image" in h1.log.read_text()
         assert _hosts_of_clones(cluster) == {"h1", "h2", "h3"}
 
 
