@@ -63,7 +63,7 @@ SETUPS = {"one-host": (1, "one host"), "cluster": (3, "3 hosts")}
 
 # Round r: write, fork, join, report, then wait until the bench has looked (key go<r>).
 SCRIPT = """\
-g() {{ python3 -c "
+{env}g() {{ python3 -c "
 import time
 from sflib.vm.guestbus import open_bus
 b = open_bus()
@@ -214,7 +214,8 @@ def _smaps_rollup(pid: int) -> dict[str, int]:
     return {f[0].rstrip(":"): int(f[1]) for f in (line.split() for line in lines) if len(f) >= 2}
 
 
-def run_setup(where: str, memory: int, forks: int, write_mib: int, clones: int) -> dict[str, Any]:
+def run_setup(where: str, memory: int, forks: int, write_mib: int, clones: int,
+              avoidance: bool = True) -> dict[str, Any]:  # fmt: skip
     """One parent, forks rounds; every round's figures, and the daemons' worst stalls.
     write_mib 0: as much as the guest's RAM holds for every round, at most 16 MiB.
     A round that fails ends the run: "failed" says why, its console is kept in LOGS."""
@@ -223,7 +224,8 @@ def run_setup(where: str, memory: int, forks: int, write_mib: int, clones: int) 
     keep.mkdir(parents=True, exist_ok=True)
     with testbed(SETUPS[where][0]) as bed:
         parent = Parent(Host(bed.hosts[0]), f"succ{memory}")
-        parent.boot(SCRIPT.format(forks=forks, mib=write_mib, clones=clones), memory)
+        env = "" if avoidance else "export SF_AVOIDANCE=0\n"  # sf-clone reports no free page
+        parent.boot(SCRIPT.format(env=env, forks=forks, mib=write_mib, clones=clones), memory)
         before, rounds, seen, failed = parent.memory(), [], set(), None
         parent.go(0)  # the guest writes nothing before this
         for r in range(1, forks + 2):
@@ -243,8 +245,9 @@ def run_setup(where: str, memory: int, forks: int, write_mib: int, clones: int) 
         for d in [*bed.hosts, bed.master]:
             shutil.copy(d.log, keep / f"{d.name}.log")
     return {"where": SETUPS[where][1], "memory_mib": memory, "write_mib": write_mib,
-            "clones": clones, "before": before, "rounds": rounds, "failed": failed,
-            "loop_lag": lag, "left": left, "load": [load, os.getloadavg()[0]]}  # fmt: skip
+            "clones": clones, "avoidance": avoidance, "before": before, "rounds": rounds,
+            "failed": failed, "loop_lag": lag, "left": left,
+            "load": [load, os.getloadavg()[0]]}  # fmt: skip
 
 
 def auto_write_mib(memory: int, forks: int) -> int:
@@ -284,14 +287,16 @@ def _ratio(x: float, base: float) -> str:
 
 COLUMNS = ("fork", "pause ms", "/ fork 1", "clones run ms", "/ fork 1", "clone hosts",
            "changed in image MiB", "written MiB", "image MiB", "/ fork 1", "growth MiB",
-           "growth / written", "parent own MiB", "parent PSS MiB", "clones")  # fmt: skip
+           "growth / written", "parent own MiB", "parent PSS MiB",
+           "clones, statuses")  # fmt: skip
 
 
 def table(res: dict[str, Any]) -> Table:
     rows, first = res["rounds"], res["rounds"][0]
     title = (f"{len(rows)} successive forks, {res['memory_mib']} MiB, {res['where']}: "
-             f"{res['clones']} clones per fork; image = *.mem allocated on the parent's host; "
-             "parent own = its guest pages in no image yet")  # fmt: skip
+             f"{res['clones']} clones per fork"
+             f"{'' if res['avoidance'] else ', avoidance off'}; image = *.mem allocated on "
+             "the parent's host; parent own = its guest pages in no image yet")  # fmt: skip
     t = Table(title=title)
     for c in COLUMNS:
         t.add_column(c, justify="right")
@@ -350,7 +355,7 @@ def lag_table(results: list[dict[str, Any]]) -> Table:
 
 
 def print_tables(results: list[dict[str, Any]]) -> None:
-    out = Console(width=180)
+    out = Console(width=200)
     for res in results:
         if res["rounds"]:
             out.print(table(res))
@@ -367,8 +372,9 @@ def print_tables(results: list[dict[str, Any]]) -> None:
 
 
 def measure(sizes: list[int], forks: int, write_mib: int = 0, clones: int = 2,
-            where: tuple[str, ...] = tuple(SETUPS)) -> list[dict[str, Any]]:  # fmt: skip
-    return [run_setup(w, m, forks, write_mib, clones) for m in sizes for w in where]
+            where: tuple[str, ...] = tuple(SETUPS),
+            avoidance: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+    return [run_setup(w, m, forks, write_mib, clones, avoidance) for m in sizes for w in where]
 
 
 def main() -> int:
@@ -379,10 +385,13 @@ def main() -> int:
                         help="MiB written between forks (0: up to 16, as RAM allows)")  # fmt: skip
     parser.add_argument("--clones", type=int, default=2, help="clones per fork")
     parser.add_argument("--where", default=",".join(SETUPS), help="one-host, cluster or both")
+    parser.add_argument("--no-avoidance", action="store_true",
+                        help="sf-clone reports no free pages (SF_AVOIDANCE=0)")  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results = measure([int(s) for s in args.sizes.split(",")], args.forks, args.write_mib,
-                      args.clones, tuple(args.where.split(",")))  # fmt: skip
+                      args.clones, tuple(args.where.split(",")),
+                      not args.no_avoidance)  # fmt: skip
     out = BUILD_DIR / "bench" / "successive.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
