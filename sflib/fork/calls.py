@@ -169,8 +169,8 @@ class Calls:
                                                  self.checkpoint_dir / ckpt_id,
                                                  free)  # fmt: skip
         ckpt.rid = rid
-        log.info("%s paused %.1f ms for checkpoint %s", vm.machine.spec.name, ckpt.pause_ms,
-                 ckpt.id)  # fmt: skip
+        log.info("%s paused %.1f ms for checkpoint %s (%d free pages)", vm.machine.spec.name,
+                 ckpt.pause_ms, ckpt.id, sum(count for _, count in free))  # fmt: skip
         return ckpt
 
     async def _spawn(self, parent: VM, ckpt: Checkpoint, ticket: Ticket,
