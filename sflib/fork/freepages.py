@@ -21,6 +21,7 @@ import array
 import base64
 import ctypes
 import mmap
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ CHUNK = 1536  # base64 makes 2048 of it: a guest's largest XenStore value
 MIN_MARGIN = 24 << 20  # free memory left to the guest, at least...
 MARGIN_SHARE = 0.10  # ...or this share of its memory
 _PFN_MASK = (1 << 55) - 1
+_UNEVICTABLE_COMPACTION = Path("/proc/sys/vm/compact_unevictable_allowed")
+_LIBC = ctypes.CDLL(None, use_errno=True)
 _PRESENT = 1 << 63
 
 
@@ -133,6 +136,10 @@ class Reservation:
     region: mmap.mmap
     pfns: list[int]
 
+    def frames(self) -> list[int]:
+        """The page frames behind it now: its pfns, unless something moved them."""
+        return _frames(self.region, len(self.region))
+
     def release(self) -> None:
         self.region.close()
 
@@ -148,10 +155,29 @@ def reserve(meminfo: Path = Path("/proc/meminfo")) -> Reservation | None:
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
     region = mmap.mmap(-1, size, flags=flags)
     try:
+        _pin(region, size)
         return Reservation(region, _frames(region, size))
     except BaseException:
         region.close()
         raise
+
+
+def _pin(region: mmap.mmap, size: int) -> None:
+    """Keep the kernel from moving region's pages to other frames while it is held:
+    the frames reported are punched out of the image after the pause, and a frame
+    given up by a move goes to somebody else, whose page would then read as zeros.
+    Two movers: khugepaged copies small pages into a new huge page (the guest's THP
+    setting may be "always"), which MADV_NOHUGEPAGE keeps off this region (its huge
+    pages stay); compaction migrates movable pages, which locked ones are not once
+    vm.compact_unevictable_allowed is 0. That setting is the guest's, so it stays 0
+    (documented in sf-clone(1)). Raises OSError."""
+    region.madvise(mmap.MADV_NOHUGEPAGE)
+    if _UNEVICTABLE_COMPACTION.exists() and _UNEVICTABLE_COMPACTION.read_text().strip() != "0":
+        _UNEVICTABLE_COMPACTION.write_text("0\n")
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))  # a temporary, as below
+    if _LIBC.mlock(ctypes.c_void_p(address), ctypes.c_size_t(size)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot lock the free pages taken: {os.strerror(err)}")
 
 
 def _frames(region: mmap.mmap, size: int) -> list[int]:

@@ -105,6 +105,7 @@ async def _start_next(vms: VMTable, vm: VM, memory: Path) -> Machine:
     try:
         await new.start()
         await new.wait_bus()
+        await new.expect_state()  # one QMP round trip less in the pause
     except BaseException:
         await new.stop()
         raise
@@ -117,28 +118,52 @@ async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: P
     at image_path. On failure the old QEMU runs again and new is stopped. Raises
     SnowFlockError."""
     old = vm.machine
+    steps = _Steps()
     await old.pause()
     try:
+        steps.done("stop")
         dir.mkdir(parents=True)
         await old.save_devices(dir / "devstate")
+        steps.done("devices")
         # Not what its clones shared: theirs, not a clone's, and it grows fork by fork.
         snap = snapshot.take(vms.bus.store, old.spec.domid, leave_out=(layout.SHARE,))
+        steps.done("xenstore")
         pages = await asyncio.to_thread(_freeze_memory, old.pid or 0, plan, image_path)
+        steps.done("memory")
         await new.load_state(dir / "devstate")
+        steps.done("load")
     except BaseException:
         await _undo(old, new, plan, image_path, dir)
         raise
     try:
         assert old.channel is not None
         new.take_over(old.channel)
+        steps.done("take over")
         await new.resume()
     except BaseException:  # the session has moved: the VM cannot go back
         log.exception("%s: lost in its new QEMU; stopping it", old.spec.name)
         await new.stop()
         await old.stop()
         raise
-    log.debug("%s: %d pages written into its image", old.spec.name, pages)
+    steps.done("cont")
+    log.info("%s: %d pages written into its image; the pause: %s", old.spec.name, pages, steps)
     return snap
+
+
+class _Steps:
+    """How long each step of the pause took, for the log."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.took: list[tuple[str, float]] = []
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        self.took.append((step, (now - self.last) * 1000))
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{step} {ms:.1f}" for step, ms in self.took) + " ms"
 
 
 def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> int:

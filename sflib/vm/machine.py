@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from sflib.xenstore.snapshot import DomainSnapshot
 log = logging.getLogger(__name__)
 
 QMP_TIMEOUT = 30.0
+INCOMING_FD = "sf-incoming"  # the name QEMU knows the device state's descriptor by
 
 
 class Machine:
@@ -48,6 +50,7 @@ class Machine:
         self._xenbus_server: asyncio.Server | None = None
         self._stop_lock = asyncio.Lock()
         self._stopped = False
+        self._ignoring_shared: bool | None = None  # x-ignore-shared as last set
 
     @property
     def argv(self) -> list[str]:
@@ -182,15 +185,34 @@ class Machine:
 
     async def load_state(self, path: Path, with_ram: bool = False) -> None:
         """Load a device state (save_devices, or save_state with_ram) into a VM
-        started with incoming="defer"; it stays paused."""
-        await self._ignore_shared(not with_ram)
-        await self.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
+        started with incoming="defer"; it stays paused. QEMU reads the file through
+        a descriptor passed to it: no shell and cat forked from QEMU in a pause.
+        Raises SystemFailure."""
+        await self.expect_state(with_ram)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SystemFailure(f"cannot open device state {path}: {e.strerror}") from e
+        try:
+            self.qmp.send_fd_scm(fd)  # QEMU takes it with the next command
+            await self.execute("getfd", {"fdname": INCOMING_FD})
+        finally:
+            os.close(fd)  # QEMU has its own copy now
+        await self.execute("migrate-incoming", {"uri": f"fd:{INCOMING_FD}"})
         await self._migration_done()
+
+    async def expect_state(self, with_ram: bool = False) -> None:
+        """Tell QEMU what the state it will load holds (RAM or not); load_state
+        does it too, so calling it early, before a pause, saves it a round trip."""
+        await self._ignore_shared(not with_ram)
 
     async def _ignore_shared(self, ignore: bool) -> None:
         # RAM lives in a shared file: the state stream leaves it out (DESIGN §2).
+        if self._ignoring_shared is ignore:
+            return
         caps = [{"capability": "x-ignore-shared", "state": ignore}]
         await self.execute("migrate-set-capabilities", {"capabilities": caps})
+        self._ignoring_shared = ignore
 
     async def _migration_done(self, timeout: float = 60.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
