@@ -81,18 +81,23 @@ class Bench:
         return m, cold
 
     async def fork(self, parent: Machine) -> tuple[Machine, dict[str, Any]]:
-        """Ours: pause, save the device state, freeze RAM, continue in a new QEMU."""
+        """Ours, as sfld does it (sflib.fork.mechanics): the next QEMU starts first,
+        mapping the RAM file privately; then pause, save the device state, freeze
+        RAM (a rename), load the state into the next QEMU and continue there."""
         state, image = self.work / f"{parent.spec.name}.state", self.shm / f"{parent.spec.name}.img"
+        reborn = self.restored(parent, "r", parent.files.memory)
+        reborn.hold_bus = True
+        await reborn.start()
+        await reborn.wait_bus()
+        await reborn.expect_state()
         t0 = time.perf_counter()
         await parent.pause()
         await parent.save_devices(state)
         snap = snapshot.take(self.bus.store, parent.spec.domid)
         os.rename(parent.files.memory, image)
-        reborn = self.restored(parent, "r", image)
-        reborn.channel = parent.channel
-        await reborn.start()
-        await reborn.wait_bus()
         await reborn.load_state(state)
+        assert parent.channel is not None
+        reborn.take_over(parent.channel)
         await reborn.resume()
         pause = time.perf_counter() - t0
         await parent.stop()

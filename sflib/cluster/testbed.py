@@ -112,7 +112,8 @@ class Testbed:
     @classmethod
     @contextlib.contextmanager
     def create(cls, workdir: Path, hosts: int = 3, sfld_args: Sequence[str] = (),
-               subnet: str = "10.250.0", daemons: bool = True) -> Iterator[Testbed]:  # fmt: skip
+               subnet: str = "10.250.0", daemons: bool = True,
+               master_args: Sequence[str] = ()) -> Iterator[Testbed]:  # fmt: skip
         """Make the namespaces and start the master and every sfld (daemons=False: the
         network alone); on leaving, stop them and remove everything. Raises
         SnowFlockError."""
@@ -122,7 +123,7 @@ class Testbed:
         master_root = workdir / "master"
         master = Daemon("sfmasterd", f"{tag}-m", master_root,
                         [str(BIN / "sfmasterd"), "--listen", f"{subnet}.2:{MASTER_PORT}",
-                         "--secret-file", str(secret)])  # fmt: skip
+                         "--secret-file", str(secret), *master_args])  # fmt: skip
         bed = cls(workdir, tag, subnet, master)
         try:
             bed._network(hosts)

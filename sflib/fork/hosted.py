@@ -90,6 +90,8 @@ class HostedClones:
             log.warning("clone %d of ticket %s did not start: %s", k, order.ticket, e)
             return None
         reply(vm.machine.spec.domid, ckpt.rid, clone_reply(k, order.reply))
+        log.info("clone %d of ticket %s running (its parent on %s)", k, order.ticket,
+                 order.owner_host)  # fmt: skip
         return name
 
     def _descriptor(self, order: CloneStart) -> Checkpoint:

@@ -5,7 +5,11 @@ sees exactly its parent's memory at that fork and random numbers of its own."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -105,10 +109,15 @@ print("SF-DONE", flush=True)
 """
 
 
-def overlapping_forks(host: Host, image: Path, n1: int) -> str:
+def overlapping_forks(host: Host, image: Path, n1: int,
+                      meanwhile: Callable[[], None] | None = None) -> str:  # fmt: skip
+    """The parent forks n1 clones, then 2 more at once; both forks' clones must see
+    the memory of their own fork. meanwhile runs after the parent started."""
     host.vm_json("run", "--name", "over", "--image", str(image), "--memory", "256",
                  "--append", f'sf.run="python3 /root/overlap.py {n1}; sleep 100000"',
                  "--wait-ready")  # fmt: skip
+    if meanwhile is not None:
+        meanwhile()
     out = console(host, "over", timeout=600)
     want = re.search(r"^WANT (\w+) (\w+) (\d+)$", out, re.M)
     assert want, out[-3000:]
@@ -146,6 +155,40 @@ def test_overlapping_forks_across_hosts(guest_image: image.Result, overlap_image
         # The first fork's clones on h1 still mapped its image: the second is a copy.
         assert "over: copying memory image" in h1.log.read_text()
         assert _hosts_of_clones(cluster) == {"h1", "h2", "h3"}
+
+
+@pytest.mark.timeout(1800)  # three hosts' VMs under TCG
+def test_a_fork_while_the_last_ones_clones_are_still_starting(
+    guest_image: image.Result, overlap_image: Path
+) -> None:
+    """h2's sfld is stopped (SIGSTOP) before the parent forks: the first fork's
+    clones placed on h2 cannot start, and the parent forks again while they are
+    still starting (its request to h2 in flight, the ticket still cloning on h1).
+    Then h2 goes on, and every clone of both forks sees the memory of its fork.
+    The master's host timeout outlasts the stop, so h2 is late, not dead."""
+    with running_cluster(guest_image, 3, host_timeout=600, stalled=("h2",)) as cluster:
+        h1, h2 = cluster.hosts[0], cluster.bed.hosts[1]
+        assert h2.proc is not None
+        h2_pid = h2.proc.pid
+
+        def stall_h2_until_the_second_fork() -> None:
+            forks = re.compile(r"over paused [\d.]+ ms for checkpoint")
+            deadline = time.monotonic() + 600
+            while len(forks.findall(h1.log.read_text())) < 2:
+                assert time.monotonic() < deadline, h1.log.read_text()[-3000:]
+                time.sleep(0.2)
+            os.kill(h2_pid, signal.SIGCONT)
+
+        os.kill(h2_pid, signal.SIGSTOP)
+        try:
+            overlapping_forks(h1, overlap_image, n1=6, meanwhile=stall_h2_until_the_second_fork)
+        finally:
+            os.kill(h2_pid, signal.SIGCONT)
+        first = re.findall(r"over: forking for ticket (\S+)", h1.log.read_text())[0]
+        # h2 had clones of the first fork, which it started only after the second.
+        started_on_h2 = re.findall(r"clone \d+ of ticket (\S+) running", h2.log.read_text())
+        assert first in started_on_h2, h2.log.read_text()[-3000:]
+        assert "over: copying memory image" in h1.log.read_text()
 
 
 # A parent up for more than 2 minutes: its kernel no longer reseeds its RNG on its
