@@ -78,6 +78,12 @@ class Registry:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(path, isolation_level=None)  # autocommit: each call
+            # The master's loop makes these calls (a heartbeat is one): a commit must
+            # not wait for the disk. With a write-ahead log and synchronous=NORMAL it
+            # does not fsync; a commit survives the master's crash, and only the
+            # machine's own crash can lose the last ones (heartbeats, mostly).
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(tickets)")}
             if "job" not in columns:  # a database from before Slurm

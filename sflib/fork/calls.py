@@ -69,6 +69,8 @@ class Calls:
                                             placement=granted["placement"],
                                             addresses=granted["addresses"]))  # fmt: skip
         self.life.granted(ticket)
+        if self.network is not None:
+            self.network.prepare(vm, ticket)  # off the clone's path: sf-clone comes later
         return {"ticket": ticket.id, "granted": ticket.granted, "requested": ticket.requested}
 
     async def clone(self, vm: VM, request: layout.Request) -> Any:

@@ -65,7 +65,8 @@ class ForkEngine:
             messages.START: self._clone_start,
             "clone.stop": self._clone_stop,
             "clone.ended": self._clone_ended,
-            "net.connect": self._net_connect,
+            messages.NET_CONNECT: self._net_connect,
+            messages.NET_PREPARE: self._net_prepare,
             "share.put": self._share_put,
         }
         vms.on_end.append(self._vm_ended)
@@ -109,8 +110,15 @@ class ForkEngine:
         return {}
 
     async def _net_connect(self, args: dict[str, Any]) -> Any:
+        family = messages.FamilyPeers.from_json(messages.NET_CONNECT, args)
         if self.vms.network is not None:
-            await self.vms.network.connect(int(args["family"]), [str(p) for p in args["peers"]])
+            await self.vms.network.connect(family.family, family.peers)
+        return {}
+
+    async def _net_prepare(self, args: dict[str, Any]) -> Any:
+        family = messages.FamilyPeers.from_json(messages.NET_PREPARE, args)
+        if self.vms.network is not None:
+            await self.vms.network.prepare(family.family, family.peers)
         return {}
 
     async def _share_put(self, args: dict[str, Any]) -> Any:

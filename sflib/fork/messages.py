@@ -64,6 +64,34 @@ class CloneStart:
         return start
 
 
+NET_CONNECT = "net.connect"  # a family's network here reaches more hosts (FamilyPeers)
+NET_PREPARE = "net.prepare"  # make a family's network here before its clones (FamilyPeers)
+
+
+@dataclass(frozen=True)
+class FamilyPeers:
+    """Family number's network on the hosts at these underlay addresses: the peer
+    calls net.connect (a network here reaches them too) and net.prepare (a ticket
+    placed clones here: make the network now, before they come)."""
+
+    family: int
+    peers: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, op: str, args: dict[str, Any]) -> FamilyPeers:
+        """Raises UsageError for a message that is not one."""
+        try:
+            family, peers = _typed(args, "family", int), _typed(args, "peers", list)
+        except (KeyError, TypeError) as e:
+            raise UsageError(f"{op}: malformed request: {e}") from None
+        if not all(isinstance(p, str) for p in peers):
+            raise UsageError(f"{op}: malformed request: peers must be strings")
+        return cls(family, peers)
+
+
 def _typed(args: dict[str, Any], key: str, kind: type) -> Any:
     value = args[key]
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 from sflib.address import split_address
 from sflib.cluster.link import ClusterLink
 from sflib.errors import SnowFlockError, WrongStateError
+from sflib.fork import messages
 from sflib.fork.tickets import Ticket, TicketBook, TicketState
 from sflib.net.identity import member_base
 from sflib.net.service import FamilyNetworks
@@ -37,6 +39,7 @@ class CloneNetworks:
         self.cluster = cluster
         self.here = here
         self.spans: dict[int, dict[str, str]] = {}  # family: {host: its sfld's address}
+        self._telling: set[asyncio.Task[None]] = set()  # calls to other hosts under way
 
     async def plan(self, parent: VM, ticket: Ticket,
                    ids: dict[str, list[int]]) -> dict[str, Any] | None:  # fmt: skip
@@ -60,18 +63,45 @@ class CloneNetworks:
         if self.net.underlay:
             peers.append(self.net.underlay)
         if earlier and len(span) > len(earlier):
-            asyncio.get_running_loop().create_task(self._tell(earlier, family, peers))
+            self._in_background(self._tell(earlier, messages.NET_CONNECT, family, peers))
         return {"family": family, "base": ticket.net_base, "peers": peers}
 
-    async def _tell(self, hosts: dict[str, str], family: int, peers: list[str]) -> None:
+    def prepare(self, parent: VM, ticket: Ticket) -> None:
+        """Just granted: have the other hosts the ticket placed clones on make the
+        family's network now, in the background, so that when the clones come (after
+        sf-clone's checkpoint) they only plug their taps in. A host where this
+        fails makes it with the first clone, as before."""
+        member = self.net.members.get(parent.machine.spec.name)
+        if self.cluster is None or member is None or member.isolated or parent.clone_id is not None:
+            return
+        hosts = {h: a for h, a in ticket.addresses.items()
+                 if h != self.here and ticket.placement.get(h)}  # fmt: skip
+        if not hosts:
+            return
+        peers = [split_address(a)[0] for a in ticket.addresses.values()]
+        if self.net.underlay:
+            peers.append(self.net.underlay)
+        self._in_background(self._tell(hosts, messages.NET_PREPARE, member.me.family, peers))
+
+    def _in_background(self, call: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(call)
+        self._telling.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._telling.discard)
+
+    async def _tell(self, hosts: dict[str, str], op: str, family: int,
+                    peers: list[str]) -> None:  # fmt: skip
+        """Every host, side by side."""
         assert self.cluster is not None
-        for host, address in hosts.items():
+        message = messages.FamilyPeers(family, peers).to_json()
+
+        async def tell(host: str, address: str) -> None:
+            assert self.cluster is not None
             try:
-                await self.cluster.peer(address, timeout=30).call(
-                    "net.connect", family=family, peers=peers
-                )
+                await self.cluster.peer(address, timeout=30).call(op, **message)
             except SnowFlockError as e:
-                log.warning("family %d: %s not told of the new hosts: %s", family, host, e)
+                log.warning("family %d: %s: %s failed: %s", family, host, op, e)
+
+        await asyncio.gather(*(tell(h, a) for h, a in hosts.items()))
 
     def open(self, parent: VM, name: str, member: int) -> Nic | None:
         """A local clone's card (None if its parent has none)."""

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 NETWORK_KEY = "snowflock/network"  # a VM's identity on its family network (JSON)
 DHCP_START_TIMEOUT = 10  # seconds
+# How long a network made ahead of a ticket's clones (prepare) waits for its first
+# member: a ticket is used at once (sf-ticket, then sf-clone) or not at all.
+PREPARED_HOLD = 120.0  # seconds
 
 
 @dataclass
@@ -68,6 +72,7 @@ class FamilyHere:
     dhcp_ready: bool = False
     dhcp_stale: bool = False
     dhcp_watcher: asyncio.Task[None] | None = None
+    held_until: float = 0.0  # made ahead of its members (prepare): kept until then
 
 
 class FamilyNetworks:
@@ -92,6 +97,7 @@ class FamilyNetworks:
         self.local_numbers: dict[int, str] = {}  # alone: the numbers this host gave
         self._isolated = 0  # isolated taps made so far
         self._locks: dict[int, asyncio.Lock] = {}  # by family number
+        self._expiries: set[asyncio.Task[None]] = set()  # of prepared networks
 
     def _lock(self, number: int) -> asyncio.Lock:
         return self._locks.setdefault(number, asyncio.Lock())
@@ -167,6 +173,33 @@ class FamilyNetworks:
             family.members[member.me.clone_id] = member
             self._leases_changed(family)
 
+    async def prepare(self, number: int, peers: list[str], hold: float = PREPARED_HOLD) -> None:
+        """Make family number's network here, reaching peers, before its members come
+        (a ticket placed clones here): they then only attach their taps. Without a
+        member it goes after hold seconds. Raises SystemFailure."""
+        async with self._lock(number):
+            family = await self._family(number, parent_here=False)
+            try:
+                await self._connect(family, peers)
+            except CommandFailed as e:
+                raise SystemFailure(f"cannot reach the family's hosts: {e}") from e
+            family.held_until = max(family.held_until, time.monotonic() + hold)
+        task = asyncio.get_running_loop().create_task(self._expire(number, hold))
+        self._expiries.add(task)
+        task.add_done_callback(self._expiries.discard)
+
+    async def _expire(self, number: int, after: float) -> None:
+        await asyncio.sleep(after)
+        async with self._lock(number):
+            family = self.families.get(number)
+            if family is not None and not family.members and not self._held(family):
+                log.info("family %d: no clone came; removing its network here", number)
+                await self._remove(family)
+
+    @staticmethod
+    def _held(family: FamilyHere) -> bool:
+        return time.monotonic() < family.held_until
+
     async def connect(self, number: int, peers: list[str]) -> None:
         """The family's network reaches these hosts (underlay addresses) too. Raises
         CommandFailed."""
@@ -197,7 +230,7 @@ class FamilyNetworks:
                 del family.members[member.me.clone_id]
             if family.members:
                 self._leases_changed(family)
-            else:
+            elif not self._held(family):  # else it goes when its hold ends (_expire)
                 await self._remove(family)
 
     def published(self, vm: str) -> dict[str, Any] | None:
@@ -206,6 +239,8 @@ class FamilyNetworks:
         return None if member is None or member.isolated else member.me.to_json()
 
     async def close(self) -> None:
+        for task in list(self._expiries):
+            task.cancel()
         for vm in list(self.members):
             await self.leave(vm)
         for number in list(self.families):

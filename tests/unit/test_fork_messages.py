@@ -8,7 +8,7 @@ import json
 import pytest
 
 from sflib.errors import UsageError
-from sflib.fork.messages import CloneStart, Identity, clone_reply
+from sflib.fork.messages import NET_PREPARE, CloneStart, FamilyPeers, Identity, clone_reply
 
 
 def order() -> CloneStart:
@@ -58,3 +58,13 @@ def test_an_identity_is_the_same_keys_on_every_host() -> None:
     assert set(here) - {"ip"} == set(there)
     assert here["parent_domid"] == there["parent_domid"] == 4
     assert there["host"] == "h2" and there["parent_host"] == "h1"
+
+
+def test_family_peers_cross_hosts_as_json_and_bad_ones_are_refused() -> None:
+    message = FamilyPeers(3, ["10.250.0.11", "10.250.0.12"])
+    wire = json.loads(json.dumps(message.to_json()))
+    assert FamilyPeers.from_json(NET_PREPARE, wire) == message
+    for bad in ({"peers": []}, {"family": "3", "peers": []}, {"family": 3, "peers": "a"},
+                {"family": 3, "peers": [7]}, {"family": True, "peers": []}):  # fmt: skip
+        with pytest.raises(UsageError, match=r"net\.prepare: malformed request"):
+            FamilyPeers.from_json(NET_PREPARE, bad)

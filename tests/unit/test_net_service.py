@@ -173,3 +173,28 @@ async def test_connect_reaches_each_peer_once(tmp_path: Path, commands: FakeComm
     await nets.connect(9, ["10.0.0.3"])  # no such family here: nothing
     assert commands.count("10.0.0.3") == 0
     await nets.close()
+
+
+async def test_a_prepared_network_serves_the_clones_that_come_then_goes(
+    tmp_path: Path, commands: FakeCommands
+) -> None:
+    """Made when a ticket placed clones here (net.prepare): a clone then only plugs
+    its tap in; the network outlives a clone gone before its hold ends, and goes
+    when the hold ends without members. One nobody joins goes too."""
+    nets = networks(tmp_path)
+    nets.underlay = "10.0.0.2"
+    await nets.prepare(7, ["10.0.0.1", "10.0.0.2"], hold=0.5)
+    assert commands.count("link add sfb7") == 1 and commands.count("fdb append") == 1
+    before = len(commands.argvs)
+    add_member(nets, "a", 7, 1)
+    await nets.join("a", parent_here=False, peers=["10.0.0.1"])
+    after = [" ".join(a) for a in commands.argvs[before:]]
+    assert [a for a in after if "master sfb7" in a] == [a for a in after if "sft7-1" in a]
+    assert len(after) == 1  # its tap put on the bridge, no more
+    await nets.leave("a")
+    assert 7 in nets.families  # held: the ticket's next clone may still come
+    await nets.prepare(8, [], hold=0.2)
+    await asyncio.sleep(0.8)
+    assert nets.families == {} and commands.count("link del sfb7") == 1
+    assert commands.count("link del sfb8") == 1
+    await nets.close()
