@@ -14,8 +14,10 @@ import ctypes
 import functools
 import logging
 import os
+import select
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +154,23 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+def ready_line(fd: int, timeout: float) -> bytes:
+    """What a daemon started with --ready-fd wrote on fd, up to its first newline
+    (b"\n": ready; b"": it closed fd, so it exited). Raises OperationTimeout if it
+    says nothing within timeout: a stuck daemon fails its caller, never hangs it."""
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise OperationTimeout(f"no ready line within {timeout:g} s")
+        chunk = os.read(fd, 256)
+        if not chunk:
+            break
+        line += chunk
+    return line
 
 
 def in_netns(netns: str | None) -> list[str]:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sflib import run
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
 
@@ -25,8 +27,11 @@ def xenstored(tmp_path: Path) -> Iterator[Path]:
     )
     os.close(w)
     try:
-        with os.fdopen(r, "rb") as ready:
-            assert ready.readline() == b"\n", "sf-xenstored did not become ready"
+        try:
+            line = run.ready_line(r, 60)
+        finally:
+            os.close(r)
+        assert line == b"\n", "sf-xenstored did not become ready"
         yield sock
         assert proc.poll() is None, "sf-xenstored died during the test"
     finally:

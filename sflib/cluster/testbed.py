@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sflib import run
-from sflib.errors import SnowFlockError, SystemFailure
+from sflib.errors import OperationTimeout, SnowFlockError, SystemFailure
 from sflib.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,16 @@ class Daemon:
                 preexec_fn=run.die_with_parent,  # noqa: PLW1509 (no threads fork here)
             )
         os.close(w)
-        with os.fdopen(r, "rb") as ready:
-            if ready.readline() != b"\n":
-                self.proc.wait()
-                tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
-                raise SystemFailure(f"{self.name} did not start: {' / '.join(tail)}")
+        try:
+            line = run.ready_line(r, START_TIMEOUT)
+        except OperationTimeout as e:
+            line = str(e).encode()
+        finally:
+            os.close(r)
+        if line != b"\n":
+            run.stop(self.proc, timeout=10)
+            tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise SystemFailure(f"{self.name} did not start: {' / '.join(tail)}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
         """Signal it and reap it; its exit status (None if it was not running)."""

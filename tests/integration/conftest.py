@@ -50,6 +50,9 @@ def guest_image() -> image.Result:
 ROOT = Path(__file__).resolve().parents[2]
 
 
+READY_TIMEOUT = 120.0  # seconds for a daemon's ready line: a stuck one fails its test
+
+
 @dataclass
 class Host:
     """A real sfld under its own SF_ROOTDIR, and the tools to talk to it."""
@@ -91,8 +94,13 @@ class Host:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, env=self.env, pass_fds=[w], stderr=log)
         os.close(w)
-        with os.fdopen(r, "rb") as ready:
-            assert ready.readline() == b"\n", f"sfld did not start:\n{self.log.read_text()}"
+        try:
+            line = run.ready_line(r, READY_TIMEOUT)
+        finally:
+            os.close(r)
+        if line != b"\n":
+            run.stop(self.proc, timeout=10)
+            raise AssertionError(f"sfld did not start:\n{self.log.read_text()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None

@@ -98,3 +98,22 @@ def test_a_timeout_stops_the_child(tmp_path: Path) -> None:
         run.run(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 600"], timeout=0.5)
     if started(pidfile):  # on a loaded machine the shell may not even have started
         assert not alive(int(pidfile.read_text()))
+
+
+def test_a_ready_line_is_read_whole_or_the_wait_ends() -> None:
+    """A daemon's --ready-fd line: read across writes; b"" when it closed the pipe
+    (it exited); OperationTimeout when it says nothing (stuck), in about the time."""
+    r, w = os.pipe()
+    os.write(w, b"rea")
+    os.write(w, b"dy\n")
+    assert run.ready_line(r, 5) == b"ready\n"
+    os.close(w)
+    assert run.ready_line(r, 5) == b""
+    os.close(r)
+    r, w = os.pipe()
+    started = time.monotonic()
+    with pytest.raises(OperationTimeout, match=r"no ready line within 0\.3 s"):
+        run.ready_line(r, 0.3)
+    assert 0.3 <= time.monotonic() - started < 5
+    os.close(r)
+    os.close(w)
