@@ -155,8 +155,11 @@ def processes(pattern: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_host(guest_image: image.Result, *sfld_args: str) -> Iterator[Host]:
-    """A running sfld (TCG) with its own root; on exit, SIGTERM must leave nothing."""
+def running_host(guest_image: image.Result, *sfld_args: str,
+                 stop_timeout: float = 60.0) -> Iterator[Host]:  # fmt: skip
+    """A running sfld (TCG) with its own root; on exit, SIGTERM must leave nothing.
+    After a failure, sfld gets SIGTERM and stop_timeout seconds to clean up, then
+    SIGKILL, and whatever it left is removed by force (_remove_leftovers)."""
     root = Path(tempfile.mkdtemp(prefix="sf-", dir="/tmp"))  # short: socket paths
     h = Host(root, guest_image.out, "tcg")
     try:
@@ -168,9 +171,9 @@ def running_host(guest_image: image.Result, *sfld_args: str) -> Iterator[Host]:
         assert_no_stalls(h.log)
     finally:
         if h.proc is not None:
-            h.proc.kill()
-            h.proc.wait()
-        _remove_leftovers(h.memory_dir)
+            run.stop(h.proc, signal.SIGTERM, stop_timeout)
+            h.proc = None
+        _remove_leftovers(h.memory_dir, root, h.netns)
         if h.netns is not None:
             subprocess.run(["ip", "netns", "delete", h.netns], check=False, timeout=30)
         shutil.rmtree(root, ignore_errors=True)
@@ -191,13 +194,30 @@ def assert_no_stalls(*logs: Path) -> None:
         assert worst <= STALL_LIMIT_MS, f"{log}: the daemon held its event loop {worst} ms"
 
 
-def _remove_leftovers(memory_dir: Path) -> None:
-    """After a failed test: what a host's sfld did not clean up, by force."""
-    for line in qemu_processes(memory_dir):
-        os.kill(int(line.split()[0]), signal.SIGKILL)
+def _remove_leftovers(memory_dir: Path, root: Path, netns: str | None) -> None:
+    """After a failed test: what a host's sfld did not clean up, by force: its
+    QEMUs, memory servers, memtaps and dnsmasqs, memtap mounts, memory files and
+    router namespaces (its own namespace is its caller's)."""
+    for pattern in (f"qemu-system.*{memory_dir}/", f"build/(memserver|memtap) .*{memory_dir}( |/)",
+                    f"dnsmasq .*{root}/"):  # fmt: skip
+        for line in processes(pattern):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
     for point in memtap_mounts(memory_dir):
-        subprocess.run(["umount", "-l", point], check=False)
+        subprocess.run(["umount", "-l", point], check=False, timeout=30)
     shutil.rmtree(memory_dir, ignore_errors=True)
+    for ns in router_namespaces(netns):
+        subprocess.run(["ip", "netns", "delete", ns], check=False, timeout=30)
+
+
+def router_namespaces(netns: str | None) -> list[str]:
+    """The family routers' namespaces of the sfld in netns (sflib.net.router)."""
+    if netns is None:
+        return []
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30,
+                         check=True).stdout  # fmt: skip
+    return [ns for ns in (line.split()[0] for line in out.splitlines() if line.strip())
+            if re.fullmatch(re.escape(netns) + r"-r\d+", ns)]  # fmt: skip
 
 
 @pytest.fixture
@@ -263,8 +283,10 @@ def running_cluster(guest_image: image.Result, n: int = 3, *sfld_args: str,
     workdir = Path(tempfile.mkdtemp(prefix="sfc-", dir="/tmp"))
     args = ["--accel", "tcg", "--image-dir", str(guest_image.out), *sfld_args]
     master_args = ["--host-timeout", f"{host_timeout:g}"]
+    cluster_hosts: list[str | None] = [None] * n  # their namespaces, once made
     try:
         with Testbed.create(workdir, hosts=n, sfld_args=args, master_args=master_args) as bed:
+            cluster_hosts[:] = [h.netns for h in bed.hosts]
             cluster = Cluster(bed, [Host(h.root, guest_image.out, "tcg", netns=h.netns)
                                     for h in bed.hosts])  # fmt: skip
             for host, daemon in zip(cluster.hosts, bed.hosts, strict=True):
@@ -281,6 +303,6 @@ def running_cluster(guest_image: image.Result, n: int = 3, *sfld_args: str,
             daemons: list[Daemon] = [*bed.hosts, bed.master]
             assert_no_stalls(*(d.log for d in daemons if d.name not in stalled))
     finally:
-        for i in range(1, n + 1):
-            _remove_leftovers(Paths(workdir / f"h{i}").memory_dir)
+        for i, netns in enumerate(cluster_hosts, 1):
+            _remove_leftovers(Paths(workdir / f"h{i}").memory_dir, workdir / f"h{i}", netns)
         shutil.rmtree(workdir, ignore_errors=True)
