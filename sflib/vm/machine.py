@@ -194,7 +194,10 @@ class Machine:
         except OSError as e:
             raise SystemFailure(f"cannot open device state {path}: {e.strerror}") from e
         try:
-            self.qmp.send_fd_scm(fd)  # QEMU takes it with the next command
+            try:
+                self.qmp.send_fd_scm(fd)  # QEMU takes it with the next command
+            except (QMPError, OSError) as e:
+                raise SystemFailure(f"cannot pass the device state to QEMU: {e}") from e
             await self.execute("getfd", {"fdname": INCOMING_FD})
         finally:
             os.close(fd)  # QEMU has its own copy now
