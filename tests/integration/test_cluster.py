@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     boot,
     console,
     processes,
+    qemu_processes,
     running_cluster,
 )
 from tests.integration.test_fork import CHECKPOINT
@@ -187,3 +188,53 @@ def test_a_checkpoint_cloned_later_onto_other_hosts(cluster: Cluster) -> None:
         assert f"FROM {k} {ckpt} {k} before" in out
     (ticket,) = h1.vm_json("tickets")
     assert {c["host"] for c in ticket["clones"].values()} == {"h2", "h3"}
+
+
+# Two clones, placed on h2 and h3, wait; the parent kills them from h1 once the host
+# says so, then tries its ticket again.
+KILL = (
+    """
+t=$(sf-ticket 2)
+id=$(sf-clone "$t")
+if [ "$id" = 0 ]; then
+  until [ "$(sf-share ls "$t" | wc -l)" = 2 ]; do sleep 1; done
+  echo "CLONES-UP $t"
+  """
+    + GO
+    + """
+  echo "KILLED $(sf-kill "$t") rc=$?"
+  echo KILL-RETURNED
+  sf-join "$t"; echo "JOIN-AFTER-KILL rc=$?"
+  sf-kill "$t"; echo "KILL-AGAIN rc=$?"
+  echo SF-DONE
+else
+  echo "$id $(hostname)" | sf-share put up
+  sleep 100000
+fi
+"""
+)
+
+
+def test_sf_kill_ends_clones_on_other_hosts(cluster: Cluster) -> None:
+    """sf-kill in a parent on h1 ends its clones on h2 and h3 and returns when they
+    are gone there: no clone VM, QEMU or memtap left on their hosts."""
+    h1, h2, h3 = cluster.hosts
+    info = boot(h1, "boss", KILL)
+    console(h1, "boss", "CLONES-UP")
+    for host in (h2, h3):
+        assert len(clones_on(host)) == 1
+        assert qemu_processes(host.memory_dir) != [] and host.vm_json("memory")["taps"] != []
+    h1.xenstore("xenstore-write", f"/local/domain/{info['domid']}/go", "1")
+    out = console(h1, "boss", "KILL-RETURNED")
+    for host in (h2, h3):  # sf-kill has returned: they are gone already
+        assert clones_on(host) == [], host.log.read_text()[-3000:]
+        assert qemu_processes(host.memory_dir) == []
+        assert host.vm_json("memory")["taps"] == []
+    assert re.search(r"^KILLED 1 2 rc=0$", out, re.M), out[-2000:]
+    out = console(h1, "boss")
+    assert "JOIN-AFTER-KILL rc=4" in out and "KILL-AGAIN rc=4" in out
+    (ticket,) = h1.vm_json("tickets")
+    assert {(c["host"], c["state"]) for c in ticket["clones"].values()} == {
+        ("h2", "killed"), ("h3", "killed")}  # fmt: skip
+    ((ticket_id, ended),) = master_tickets(cluster)
+    assert ticket_id == ticket["ticket"] and ended is not None  # its slots went back
