@@ -275,14 +275,14 @@ class Cluster:
 
 @contextlib.contextmanager
 def running_cluster(guest_image: image.Result, n: int = 3, *sfld_args: str,
-                    host_timeout: float = TEST_HOST_TIMEOUT,
-                    stalled: Sequence[str] = ()) -> Iterator[Cluster]:  # fmt: skip
-    """n hosts and a master; on exit every sfld must stop cleanly and leave nothing,
-    and no daemon may have held its event loop (but those named in stalled: a test
-    stopped them on purpose)."""
+                    host_timeout: float = TEST_HOST_TIMEOUT, stalled: Sequence[str] = (),
+                    master_args: Sequence[str] = ()) -> Iterator[Cluster]:  # fmt: skip
+    """n hosts and a master (with master_args too); on exit every sfld must stop
+    cleanly and leave nothing, and no daemon may have held its event loop (but
+    those named in stalled: a test stopped them on purpose)."""
     workdir = Path(tempfile.mkdtemp(prefix="sfc-", dir="/tmp"))
     args = ["--accel", "tcg", "--image-dir", str(guest_image.out), *sfld_args]
-    master_args = ["--host-timeout", f"{host_timeout:g}"]
+    master_args = ["--host-timeout", f"{host_timeout:g}", *master_args]
     cluster_hosts: list[str | None] = [None] * n  # their namespaces, once made
     try:
         with Testbed.create(workdir, hosts=n, sfld_args=args, master_args=master_args) as bed:
