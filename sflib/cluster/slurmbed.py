@@ -9,8 +9,9 @@ no /run/munge, nothing to syslog.
         bed.stop_controller(); bed.start_controller()
 
 Nodes n1..nN all live on localhost, one core each (Slurm's multiple-slurmd mode:
-`slurmd -N nK`). Partitions: batch (the default) and urgent, whose jobs preempt
-batch jobs (PreemptMode=CANCEL).
+`slurmd -N nK`). Partitions: batch (the default); urgent, whose jobs preempt batch
+jobs; and top, whose jobs preempt both (PreemptMode=CANCEL; top's jobs are never
+preempted).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sflib.errors import OperationTimeout, SnowFlockError, SystemFailure
 
 log = logging.getLogger(__name__)
 
-PARTITION, URGENT = "batch", "urgent"
+PARTITION, URGENT, TOP = "batch", "urgent", "top"
 FIRST_PORT = 17000  # slurmctld's; the nodes' follow it
 START_TIMEOUT = 30.0
 # Unix socket paths stop at 108 bytes; leave room for munged's ".lock" beside it.
@@ -89,7 +90,8 @@ def slurm_conf(root: Path, munge_socket: Path, nodes: int, port: int, host: str,
     every = "Nodes=ALL MaxTime=INFINITE State=UP"
     lines += [
         f"PartitionName={PARTITION} {every} Default=YES PriorityTier=1",
-        f"PartitionName={URGENT} {every} PriorityTier=2 PreemptMode=OFF",
+        f"PartitionName={URGENT} {every} PriorityTier=2",
+        f"PartitionName={TOP} {every} PriorityTier=3 PreemptMode=OFF",
     ]
     return "\n".join(lines) + "\n"
 
