@@ -29,7 +29,7 @@ from tests.integration.conftest import (
     qemu_processes,
     running_cluster,
 )
-from tests.integration.test_fork import CHECKPOINT
+from tests.integration.test_fork import CHECKPOINT, moved_on
 
 pytestmark = pytest.mark.vm
 
@@ -180,12 +180,13 @@ def test_a_checkpoint_cloned_later_onto_other_hosts(cluster: Cluster) -> None:
     h1 = cluster.hosts[0]
     info = boot(h1, "ckpt", CHECKPOINT)
     ckpt = re.search(r"^CKPT (\S+)", console(h1, "ckpt", "CKPT"), re.M).group(1)  # type: ignore[union-attr]
-    time.sleep(5)  # the parent moves on; the checkpoint stays as it was
+    before, moved = moved_on(h1, "ckpt")
     h1.xenstore("xenstore-write", f"/local/domain/{info['domid']}/go", "1")
     out = console(h1, "ckpt")
     assert "CREATE 0" in out and "JOIN rc=0" in out
     for k in (1, 2):  # resumed inside sf-checkpoint, on h2 and h3, with the old memory
-        assert f"FROM {k} {ckpt} {k} before" in out
+        assert f"FROM {k} {ckpt} {k} before {before}" in out, out[-2000:]
+    assert moved != before
     (ticket,) = h1.vm_json("tickets")
     assert {c["host"] for c in ticket["clones"].values()} == {"h2", "h3"}
 

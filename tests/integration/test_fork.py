@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -51,14 +50,21 @@ def test_three_clones_share_the_parents_memory_and_report_their_ids(host: Host) 
     assert len(list(host.memory_dir.glob("*.mem"))) == 1  # only the image the parent maps
 
 
+# The parent checkpoints, then changes its memory (a mark and 8 MiB rewritten) and
+# says so (MOVED); told to go on, it clones the checkpoint, whose clones must find
+# the memory from before.
 CHECKPOINT = (
     """
 echo before > /tmp/mark
+dd if=/dev/urandom of=/tmp/state bs=1M count=8 2>/dev/null
+h=$(sha256sum </tmp/state | cut -c1-16)
 set -- $(sf-checkpoint)
 c=$1; id=$2
 if [ "$id" = 0 ]; then
-  echo "CKPT $c"
+  echo "CKPT $c $h"
   echo after > /tmp/mark
+  dd if=/dev/urandom of=/tmp/state bs=1M count=8 conv=notrunc 2>/dev/null
+  echo "MOVED $(cat /tmp/mark) $(sha256sum </tmp/state | cut -c1-16)"
   """
     + GO
     + """
@@ -68,11 +74,21 @@ if [ "$id" = 0 ]; then
   for k in 1 2; do echo "FROM $k $(sf-share get "$t" $k mark)"; done
   echo SF-DONE
 else
-  echo "$c $id $(cat /tmp/mark)" | sf-share put mark
+  echo "$c $id $(cat /tmp/mark) $(sha256sum </tmp/state | cut -c1-16)" | sf-share put mark
   sf-exit 0
 fi
 """
 )
+
+
+def moved_on(host: Host, name: str) -> tuple[str, str]:
+    """Once the parent has changed its memory after its checkpoint: the digests of
+    its state before the checkpoint and now."""
+    out = console(host, name, "MOVED")
+    before = re.search(r"^CKPT \S+ (\w+)$", out, re.M)
+    moved = re.search(r"^MOVED after (\w+)$", out, re.M)
+    assert before and moved, out[-2000:]
+    return before.group(1), moved.group(1)
 
 
 def test_checkpoint_now_clones_later(host: Host) -> None:
@@ -84,12 +100,13 @@ def test_checkpoint_now_clones_later(host: Host) -> None:
     manifest = json.loads(host.tool("sf-vm", "describe", ckpt).stdout)
     assert manifest["format"] == "snowflock-descriptor-1" and manifest["owner"] == "ckpt"
     assert manifest["devstate"]["bytes"] > 0 and manifest["machine"]["memory_mib"] == 256
-    time.sleep(20)  # the parent moves on; the checkpoint stays as it was
+    before, moved = moved_on(host, "ckpt")
     host.xenstore("xenstore-write", f"/local/domain/{info['domid']}/go", "1")
     out = console(host, "ckpt")
     assert "CREATE 0" in out and "JOIN rc=0" in out
-    for k in (1, 2):
-        assert f"FROM {k} {ckpt} {k} before" in out
+    for k in (1, 2):  # the memory from before the checkpoint, not what the parent has now
+        assert f"FROM {k} {ckpt} {k} before {before}" in out, out[-2000:]
+    assert moved != before
     host.tool("sf-vm", "stop", "ckpt")
     assert host.vm_json("checkpoints") == []  # a checkpoint ends with its VM
     assert host.leftovers() == []
