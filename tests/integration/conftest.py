@@ -155,13 +155,13 @@ def processes(pattern: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_host(guest_image: image.Result, *sfld_args: str,
-                 stop_timeout: float = 60.0) -> Iterator[Host]:  # fmt: skip
-    """A running sfld (TCG) with its own root; on exit, SIGTERM must leave nothing.
-    After a failure, sfld gets SIGTERM and stop_timeout seconds to clean up, then
-    SIGKILL, and whatever it left is removed by force (_remove_leftovers)."""
+def running_host(guest_image: image.Result, *sfld_args: str, stop_timeout: float = 60.0,
+                 accel: str = "tcg") -> Iterator[Host]:  # fmt: skip
+    """A running sfld (TCG, or accel) with its own root; on exit, SIGTERM must leave
+    nothing. After a failure, sfld gets SIGTERM and stop_timeout seconds to clean up,
+    then SIGKILL, and whatever it left is removed by force (_remove_leftovers)."""
     root = Path(tempfile.mkdtemp(prefix="sf-", dir="/tmp"))  # short: socket paths
-    h = Host(root, guest_image.out, "tcg")
+    h = Host(root, guest_image.out, accel)
     try:
         h.start(*sfld_args)
         yield h
