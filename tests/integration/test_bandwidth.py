@@ -92,10 +92,10 @@ def outside(host: Host) -> Iterator[None]:
                     ["-n", ns, "link", "set", "lo", "up"]):  # fmt: skip
             subprocess.run(["ip", *cmd], check=True, capture_output=True, timeout=30)
         server = subprocess.Popen([*run.in_netns(ns), sys.executable, "-c", SERVER, str(SIZE)],
-                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+                                  stdout=subprocess.PIPE)  # fmt: skip
         assert server.stdout is not None
         readable, _, _ = select.select([server.stdout], [], [], READY_WAIT)
-        assert readable and server.stdout.readline() == "ready\n", "no server outside"
+        assert readable and server.stdout.readline() == b"ready\n", "no server outside"
         yield
     finally:
         if server is not None:
