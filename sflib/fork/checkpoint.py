@@ -53,7 +53,7 @@ class Checkpoint:
     rid: str = ""  # the request the VM was blocked in: its clones get the reply
     pause_ms: float | None = None
     free_pages: int = 0  # pages the guest reported free: never sent to clones
-    finishing: asyncio.Task[None] | None = None  # marks the free pages, after the pause
+    finishing: asyncio.Task[None] | None = None  # free and zero pages, after the pause
     mapped: asyncio.Event = field(default_factory=asyncio.Event)  # its free map is written
 
     async def ready(self) -> None:

@@ -13,8 +13,9 @@ those pages (dirty_runs, write_runs):
   loop) when clones or checkpoints still map the last one.
 
 Either way the cost in the pause is that of the pages the guest changed since the
-last fork, never that of its RAM. Runs of pages that are all zeros become holes,
-so images stay sparse. Everything here blocks: callers run it in a thread.
+last fork, never that of its RAM (sflib.fork.procmem makes it a few system calls).
+Pages written as zeros become holes after the pause (punch_zeros), so images stay
+sparse. Everything here blocks: callers run it in a thread.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sflib.errors import SystemFailure
+from sflib.fork import procmem
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class MemoryImage:
     path: Path
     users: set[str] = field(default_factory=set)
     owned: bool = True  # False: another host's image, seen through memtap
-    settling: asyncio.Task[None] | None = None  # its free pages marked and punched
+    settling: asyncio.Task[None] | None = None  # its free and zero pages punched
 
     def use(self, user: str) -> None:
         self.users.add(user)
@@ -167,6 +169,10 @@ def dirty_runs(pid: int, mapped: Path) -> tuple[int, list[tuple[int, int]]]:
     wrote since it mapped the image), and the mapping's start. Raises SystemFailure."""
     start, end = mapping_of(pid, mapped)
     try:
+        try:
+            return start, procmem.own_runs(pid, start, end)
+        except procmem.Unsupported as e:
+            log.debug("no PAGEMAP_SCAN (%s): reading the whole page map", e)
         with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
             pagemap.seek(start // PAGE * 8)
             entries = _read_exactly(pagemap, (end - start) // PAGE * 8)
@@ -177,37 +183,71 @@ def dirty_runs(pid: int, mapped: Path) -> tuple[int, list[tuple[int, int]]]:
 
 def write_runs(pid: int, start: int, runs: list[tuple[int, int]], image: Path) -> int:
     """Copy those pages of QEMU pid's guest RAM (mapped at start) into image, at
-    the same offsets; runs that are all zeros are punched instead. Returns the
-    pages written. Raises SystemFailure."""
-    written = 0
+    the same offsets. Returns the pages written. Pages written as zeros take memory
+    until punch_zeros. Raises SystemFailure."""
     try:
-        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-            fd = os.open(image, os.O_RDWR)
-            try:
-                for first, count in runs:
-                    written += _copy_run(mem, start, fd, first, count)
-            finally:
-                os.close(fd)
+        try:
+            procmem.copy_runs(pid, start, runs, image)
+        except procmem.Unsupported as e:
+            log.debug("no process_vm_readv (%s): copying through /proc/%d/mem", e, pid)
+            _copy_through_mem(pid, start, runs, image)
     except OSError as e:
         raise SystemFailure(f"cannot copy QEMU {pid}'s pages into {image}: "
                             f"{e.strerror}") from e  # fmt: skip
-    return written
+    return sum(count for _, count in runs)
 
 
-def _copy_run(mem: object, start: int, fd: int, first: int, count: int) -> int:
-    written = 0
-    offset, end = first * PAGE, (first + count) * PAGE
-    while offset < end:
-        size = min(end - offset, COPY_CHUNK)
-        mem.seek(start + offset)  # type: ignore[attr-defined]
-        data = _read_exactly(mem, size)
-        if data == _ZEROS[:size]:
-            punch(fd, offset, size)
-        else:
-            os.pwrite(fd, data, offset)
-            written += size // PAGE
-        offset += size
-    return written
+def _copy_through_mem(pid: int, start: int, runs: list[tuple[int, int]], image: Path) -> None:
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        fd = os.open(image, os.O_RDWR)
+        try:
+            for first, count in runs:
+                offset, end = first * PAGE, (first + count) * PAGE
+                while offset < end:
+                    size = min(end - offset, COPY_CHUNK)
+                    mem.seek(start + offset)
+                    os.pwrite(fd, _read_exactly(mem, size), offset)
+                    offset += size
+        finally:
+            os.close(fd)
+
+
+def punch_zeros(image: Path, runs: list[tuple[int, int]]) -> int:
+    """Punch the pages of those runs of image that hold only zeros: a hole reads
+    the same and costs no memory. Nothing else may write those pages meanwhile
+    (MemoryImage.settled). Returns how many (0 if the file is gone). Raises
+    SystemFailure."""
+    punched = 0
+    try:
+        fd = os.open(image, os.O_RDWR)
+    except FileNotFoundError:
+        return 0  # its last user left
+    except OSError as e:
+        raise SystemFailure(f"cannot open {image}: {e.strerror}") from e
+    try:
+        for first, count in runs:
+            offset, end = first * PAGE, (first + count) * PAGE
+            while offset < end:
+                data = os.pread(fd, min(end - offset, COPY_CHUNK), offset)
+                punched += _punch_zero_pages(fd, offset, data)
+                offset += len(data) or end
+    except OSError as e:
+        raise SystemFailure(f"cannot punch zero pages out of {image}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+    return punched
+
+
+def _punch_zero_pages(fd: int, offset: int, data: bytes) -> int:
+    if data == _ZEROS[: len(data)]:
+        punch(fd, offset, len(data))
+        return len(data) // PAGE
+    punched = 0
+    for at in range(0, len(data), PAGE):
+        if data[at : at + PAGE] == _ZEROS[:PAGE]:
+            punch(fd, offset + at, PAGE)
+            punched += 1
+    return punched
 
 
 def copy_image(src: Path, dst: Path) -> None:

@@ -66,12 +66,12 @@ async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: boo
         raise
     old = vm.machine
     started = time.perf_counter()
-    snap = await _freeze(vms, vm, new, plan, image_path, dir)
+    snap, written = await _freeze(vms, vm, new, plan, image_path, dir)
     resumed = time.perf_counter()
     image = _adopt(vms, vm, new, plan, MemoryImage(image_path, {checkpoint_id, old.spec.name}))
     ckpt = Checkpoint(checkpoint_id, old.spec.name, named, dir, image, snap, machine_of(old.spec))
     ckpt.pause_ms = round((resumed - started) * 1000, 1)
-    ckpt.finishing = image.settling = asyncio.create_task(_mark_free(ckpt, plan.free))
+    ckpt.finishing = image.settling = asyncio.create_task(_settle(ckpt, plan.free, written))
     vms.retire(old)  # its exit unmaps all it touched: not part of the pause
     return ckpt
 
@@ -113,9 +113,10 @@ async def _start_next(vms: VMTable, vm: VM, memory: Path) -> Machine:
 
 
 async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: Path,
-                  dir: Path) -> snapshot.DomainSnapshot:  # fmt: skip
+                  dir: Path) -> tuple[snapshot.DomainSnapshot, list[tuple[int, int]]]:  # fmt: skip
     """The pause: vm's QEMU stops, and new goes on from its state and the image
-    at image_path. On failure the old QEMU runs again and new is stopped. Raises
+    at image_path. Returns the XenStore snapshot and the page runs written into the
+    image. On failure the old QEMU runs again and new is stopped. Raises
     SnowFlockError."""
     old = vm.machine
     steps = _Steps()
@@ -128,7 +129,7 @@ async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: P
         # Not what its clones shared: theirs, not a clone's, and it grows fork by fork.
         snap = snapshot.take(vms.bus.store, old.spec.domid, leave_out=(layout.SHARE,))
         steps.done("xenstore")
-        pages = await asyncio.to_thread(_freeze_memory, old.pid or 0, plan, image_path)
+        written = await asyncio.to_thread(_freeze_memory, old.pid or 0, plan, image_path)
         steps.done("memory")
         await new.load_state(dir / "devstate")
         steps.done("load")
@@ -146,8 +147,9 @@ async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: P
         await old.stop()
         raise
     steps.done("cont")
-    log.info("%s: %d pages written into its image; the pause: %s", old.spec.name, pages, steps)
-    return snap
+    log.info("%s: %d pages written into its image; the pause: %s", old.spec.name,
+             sum(count for _, count in written), steps)  # fmt: skip
+    return snap, written
 
 
 class _Steps:
@@ -166,20 +168,21 @@ class _Steps:
         return ", ".join(f"{step} {ms:.1f}" for step, ms in self.took) + " ms"
 
 
-def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> int:
+def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> list[tuple[int, int]]:
     """In a thread, the VM paused: make image_path the image of its memory as it is.
-    Returns the pages written. Raises SystemFailure."""
+    Returns the page runs written. Raises SystemFailure."""
     if plan.base is None:
         os.rename(plan.mapped, image_path)
-        return 0
+        return []
     start, runs = images.dirty_runs(pid, plan.mapped)
     # The guest's free pages (sf-clone holds them, zeroed, and nobody reads them) are
     # punched after the pause: copying them would cost the most, for nothing.
-    pages = images.write_runs(pid, start, images.subtract(runs, plan.free), plan.target)
+    written = images.subtract(runs, plan.free)
+    images.write_runs(pid, start, written, plan.target)
     if plan.in_place:
         plan.base.free_map.unlink(missing_ok=True)  # it marked pages of the last fork
         os.rename(plan.target, image_path)
-    return pages
+    return written
 
 
 async def _undo(old: Machine, new: Machine, plan: _Plan, image_path: Path, dir: Path) -> None:
@@ -262,6 +265,18 @@ async def restore_clone(vms: VMTable, qemu: str, ckpt: Checkpoint, order: CloneO
     ckpt.image.use(name)
     vms.images[name] = ckpt.image
     return clone
+
+
+async def _settle(ckpt: Checkpoint, free: list[tuple[int, int]],
+                  written: list[tuple[int, int]]) -> None:  # fmt: skip
+    """After the pause, off its path: the free pages marked and punched
+    (_mark_free), then the pages written as zeros punched too (checking them in
+    the pause would lengthen it). Never raises."""
+    await _mark_free(ckpt, free)
+    try:
+        await asyncio.to_thread(images.punch_zeros, ckpt.image.path, written)
+    except SystemFailure as e:
+        log.warning("%s: zero pages kept: %s", ckpt.owner, e)
 
 
 async def _mark_free(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sflib.errors import SystemFailure
-from sflib.fork import images
+from sflib.fork import images, procmem
 from sflib.fork.images import PAGE, MemoryImage
 
 SHM = Path("/dev/shm")
@@ -64,7 +64,22 @@ sys.stdout.write(m[:].hex())
 """
 
 
-def test_written_pages_go_into_the_image_and_the_mapping_sees_the_same(image: Path) -> None:
+@pytest.fixture(params=["fast", "portable"])
+def syscalls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways: PAGEMAP_SCAN and process_vm_readv (sflib.fork.procmem), and the
+    page map and /proc/PID/mem where a kernel lacks them."""
+    if request.param == "portable":
+
+        def unsupported(*_: object) -> None:
+            raise procmem.Unsupported("not here")
+
+        monkeypatch.setattr(procmem, "own_runs", unsupported)
+        monkeypatch.setattr(procmem, "copy_runs", unsupported)
+    return str(request.param)
+
+
+def test_written_pages_go_into_the_image_and_the_mapping_sees_the_same(
+        image: Path, syscalls: str) -> None:  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(image)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -72,7 +87,8 @@ def test_written_pages_go_into_the_image_and_the_mapping_sees_the_same(image: Pa
         assert proc.stdout.readline() == "ready\n"
         start, runs = images.dirty_runs(proc.pid, image)
         assert runs == [(1, 2), (4, 1), (40, 1)]
-        assert images.write_runs(proc.pid, start, runs, image) == 3  # page 40: a hole
+        assert images.write_runs(proc.pid, start, runs, image) == 4
+        assert images.punch_zeros(image, runs) == 1  # page 40, written as zeros: a hole
         proc.stdin.write("\n")
         proc.stdin.flush()
         seen = bytes.fromhex(proc.stdout.read())
@@ -83,7 +99,29 @@ def test_written_pages_go_into_the_image_and_the_mapping_sees_the_same(image: Pa
     assert data == seen  # the file caught up; the process's view never changed
     assert data[PAGE : 2 * PAGE] == b"\xa1" * PAGE and data[4 * PAGE : 5 * PAGE] == b"\xa4" * PAGE
     assert data[40 * PAGE : 41 * PAGE] == bytes(PAGE)
+    with image.open("rb") as f:
+        assert os.lseek(f.fileno(), 40 * PAGE, os.SEEK_HOLE) == 40 * PAGE  # punched
     assert data[8 * PAGE : 9 * PAGE] == b"\x09" * PAGE  # read, not written: unchanged
+
+
+def test_only_the_zero_pages_of_the_runs_are_punched(image: Path) -> None:
+    with image.open("r+b") as f:
+        f.truncate(1024 * PAGE)
+        f.seek(300 * PAGE)
+        f.write(bytes(256 * PAGE))  # a whole chunk of zeros
+        f.seek(600 * PAGE)
+        f.write(b"\x07" * PAGE + bytes(PAGE) + b"\x07" * PAGE)  # a zero page inside data
+        f.seek(900 * PAGE)
+        f.write(bytes(PAGE))  # zeros, but not in the runs
+    before = image.read_bytes()
+    # 290-589: holes or written zeros; 601 a zero page between data pages
+    assert images.punch_zeros(image, [(0, 1), (290, 300), (600, 3)]) == 300 + 1
+    assert image.read_bytes() == before
+    with image.open("rb") as f:
+        assert os.lseek(f.fileno(), 300 * PAGE, os.SEEK_DATA) == 600 * PAGE
+        assert os.lseek(f.fileno(), 601 * PAGE, os.SEEK_DATA) == 602 * PAGE
+        assert os.lseek(f.fileno(), 900 * PAGE, os.SEEK_DATA) == 900 * PAGE  # kept
+    assert images.punch_zeros(image.with_suffix(".gone"), [(0, 1)]) == 0
 
 
 def test_a_copy_keeps_holes_and_zero_chunks_out(image: Path) -> None:

@@ -1,0 +1,125 @@
+"""Another process's memory, read the fast way (DESIGN §2, 5): the two system
+calls that keep the pause of a later fork short.
+
+- PAGEMAP_SCAN (an ioctl on /proc/PID/pagemap, Linux 6.7) has the kernel itself
+  return the runs of pages that are the process's own copies, instead of 8 bytes
+  per page of RAM read and decoded here (12 ms at 256 MiB, 18 ms at 2 GiB).
+- process_vm_readv copies up to IOV_MAX runs of QEMU's pages straight into a
+  shared mapping of the image file, in one call, instead of a seek, a read and a
+  write per run through /proc/PID/mem (about 6 us a page).
+
+Each raises Unsupported where the kernel lacks it; sflib.fork.images then falls
+back to the portable way. Everything here blocks: callers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import errno
+import mmap
+import os
+from pathlib import Path
+
+PAGE = 4096
+IOV_MAX = 1024  # iovecs per process_vm_readv
+SCAN_REGIONS = 4096  # page_region entries per PAGEMAP_SCAN call
+
+# <linux/fs.h>: _IOWR('f', 16, struct pm_scan_arg), and the page categories.
+PAGEMAP_SCAN = (3 << 30) | (96 << 16) | (ord("f") << 8) | 16
+PAGE_IS_FILE = 1 << 2
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.process_vm_readv.restype = ctypes.c_ssize_t
+_LIBC.process_vm_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong,
+                                   ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]  # fmt: skip
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]  # fmt: skip
+_LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class Unsupported(Exception):
+    """The kernel lacks the call (or refuses it for this process)."""
+
+
+class _ScanArg(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]  # fmt: skip
+
+
+def own_runs(pid: int, start: int, end: int) -> list[tuple[int, int]]:
+    """(first, count) page runs, relative to start, of process pid's mapping
+    [start, end) that are its own copies: present and not file pages, or swapped
+    (as sflib.fork.images.own_page_runs reads them from the page map). Raises
+    Unsupported or OSError."""
+    regions = (ctypes.c_uint64 * (3 * SCAN_REGIONS))()
+    arg = _ScanArg(size=ctypes.sizeof(_ScanArg), start=start, end=end,
+                   vec=ctypes.addressof(regions), vec_len=SCAN_REGIONS,
+                   category_inverted=PAGE_IS_FILE, category_mask=PAGE_IS_FILE,
+                   category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)  # fmt: skip
+    runs: list[tuple[int, int]] = []
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        while arg.start < end:
+            found = _LIBC.ioctl(fd, ctypes.c_ulong(PAGEMAP_SCAN), ctypes.byref(arg))
+            if found < 0:
+                err = ctypes.get_errno()
+                if err in (errno.ENOTTY, errno.EINVAL):
+                    raise Unsupported(os.strerror(err))
+                raise OSError(err, os.strerror(err))
+            flat = regions[: 3 * found]
+            for region_start, region_end in zip(flat[0::3], flat[1::3], strict=True):
+                _append(runs, (region_start - start) // PAGE, (region_end - region_start) // PAGE)
+            arg.start = arg.walk_end
+    finally:
+        os.close(fd)
+    return runs
+
+
+def _append(runs: list[tuple[int, int]], first: int, count: int) -> None:
+    if runs and runs[-1][0] + runs[-1][1] == first:  # a run cut where a call stopped
+        runs[-1] = (runs[-1][0], runs[-1][1] + count)
+    else:
+        runs.append((first, count))
+
+
+def copy_runs(pid: int, start: int, runs: list[tuple[int, int]], image: Path) -> None:
+    """Copy those pages of process pid's mapping at start into the same offsets of
+    file image, through a shared mapping of it. Raises Unsupported or OSError."""
+    size = os.stat(image).st_size
+    fd = os.open(image, os.O_RDWR)
+    try:
+        base = _LIBC.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        if base == _MAP_FAILED or base is None:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+    try:
+        for i in range(0, len(runs), IOV_MAX):
+            _read_batch(pid, start, base, runs[i : i + IOV_MAX])
+    finally:
+        _LIBC.munmap(base, size)
+
+
+def _read_batch(pid: int, start: int, base: int, runs: list[tuple[int, int]]) -> None:
+    local, remote = array.array("Q"), array.array("Q")
+    for first, count in runs:
+        local.extend((base + first * PAGE, count * PAGE))
+        remote.extend((start + first * PAGE, count * PAGE))
+    want = sum(count for _, count in runs) * PAGE
+    local_address, _ = local.buffer_info()
+    remote_address, _ = remote.buffer_info()
+    got = _LIBC.process_vm_readv(pid, local_address, len(runs), remote_address, len(runs), 0)
+    if got < 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EPERM):
+            raise Unsupported(os.strerror(err))
+        raise OSError(err, os.strerror(err))
+    if got != want:
+        raise OSError(errno.EIO, f"short read of process memory ({got} of {want} bytes)")
