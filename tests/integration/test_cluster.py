@@ -192,36 +192,50 @@ def test_a_checkpoint_cloned_later_onto_other_hosts(cluster: Cluster) -> None:
 
 
 # Two clones, placed on h2 and h3, wait; the parent kills them from h1 once the host
-# says so, then tries its ticket again.
+# says go, and tries its ticket again. Then it forks two more: clone 1 exits, and
+# once the host says go2 the parent kills the one left.
 KILL = (
     """
+up() { echo "$1 $(hostname)" | sf-share put up; }
 t=$(sf-ticket 2)
 id=$(sf-clone "$t")
-if [ "$id" = 0 ]; then
-  until [ "$(sf-share ls "$t" | wc -l)" = 2 ]; do sleep 1; done
-  echo "CLONES-UP $t"
-  """
+if [ "$id" != 0 ]; then up "$id"; sleep 100000; fi
+until [ "$(sf-share ls "$t" | wc -l)" = 2 ]; do sleep 1; done
+echo "CLONES-UP $t"
+"""
     + GO
     + """
-  echo "KILLED $(sf-kill "$t") rc=$?"
-  echo KILL-RETURNED
-  sf-join "$t"; echo "JOIN-AFTER-KILL rc=$?"
-  sf-kill "$t"; echo "KILL-AGAIN rc=$?"
-  echo SF-DONE
-else
-  echo "$id $(hostname)" | sf-share put up
-  sleep 100000
-fi
+echo "KILLED $(sf-kill "$t") rc=$?"
+echo KILL-RETURNED
+sf-join "$t"; echo "JOIN-AFTER-KILL rc=$?"
+sf-kill "$t"; echo "KILL-AGAIN rc=$?"
+u=$(sf-ticket 2)
+id=$(sf-clone "$u")
+if [ "$id" != 0 ]; then up "$id"; [ "$id" = 1 ] && sf-exit 3; sleep 100000; fi
+until [ "$(sf-share ls "$u" | wc -l)" = 2 ]; do sleep 1; done
+echo "SECOND-UP $u"
+"""
+    + GO.replace("b'go'", "b'go2'")
+    + """
+echo "KILLED-REST $(sf-kill "$u") rc=$?"
+echo SF-DONE
 """
 )
 
 
+def clone_states(host: Host, ticket: str) -> dict[str, tuple[str, str]]:
+    """A ticket's clones on host's listing: ID: (where it ran, its state)."""
+    (record,) = [t for t in host.vm_json("tickets") if t["ticket"] == ticket]
+    return {k: (c["host"], c["state"]) for k, c in record["clones"].items()}
+
+
 def test_sf_kill_ends_clones_on_other_hosts(cluster: Cluster) -> None:
     """sf-kill in a parent on h1 ends its clones on h2 and h3 and returns when they
-    are gone there: no clone VM, QEMU or memtap left on their hosts."""
+    are gone there: no clone VM, QEMU or memtap left on their hosts. Of a ticket
+    whose clone 1 has exited, it kills the other one only."""
     h1, h2, h3 = cluster.hosts
     info = boot(h1, "boss", KILL)
-    console(h1, "boss", "CLONES-UP")
+    ticket = re.search(r"^CLONES-UP (\S+)$", console(h1, "boss", "CLONES-UP"), re.M).group(1)  # type: ignore[union-attr]
     for host in (h2, h3):
         assert len(clones_on(host)) == 1
         assert qemu_processes(host.memory_dir) != [] and host.vm_json("memory")["taps"] != []
@@ -232,10 +246,17 @@ def test_sf_kill_ends_clones_on_other_hosts(cluster: Cluster) -> None:
         assert qemu_processes(host.memory_dir) == []
         assert host.vm_json("memory")["taps"] == []
     assert re.search(r"^KILLED 1 2 rc=0$", out, re.M), out[-2000:]
-    out = console(h1, "boss")
+    assert set(clone_states(h1, ticket).values()) == {("h2", "killed"), ("h3", "killed")}
+    out = console(h1, "boss", "SECOND-UP")
     assert "JOIN-AFTER-KILL rc=4" in out and "KILL-AGAIN rc=4" in out
-    (ticket,) = h1.vm_json("tickets")
-    assert {(c["host"], c["state"]) for c in ticket["clones"].values()} == {
-        ("h2", "killed"), ("h3", "killed")}  # fmt: skip
-    ((ticket_id, ended),) = master_tickets(cluster)
-    assert ticket_id == ticket["ticket"] and ended is not None  # its slots went back
+    second = re.search(r"^SECOND-UP (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+    wait_for("clone 1 to exit", lambda: clone_states(h1, second)["1"][1] == "exited")
+    host_of_2 = {"h2": h2, "h3": h3}[clone_states(h1, second)["2"][0]]
+    h1.xenstore("xenstore-write", f"/local/domain/{info['domid']}/go2", "1")
+    out = console(h1, "boss")
+    assert re.search(r"^KILLED-REST 2 rc=0$", out, re.M), out[-2000:]
+    assert [state for _, (_, state) in sorted(clone_states(h1, second).items())] == [
+        "exited", "killed"]  # fmt: skip
+    assert clones_on(host_of_2) == [] and qemu_processes(host_of_2.memory_dir) == []
+    ended = [e for _, e in master_tickets(cluster)]
+    assert len(ended) == 2 and None not in ended  # their slots went back
