@@ -241,8 +241,9 @@ def boot(host: Host, name: str, script: str, memory: int = 256) -> dict[str, obj
     b64 = base64.b64encode(script.encode()).decode()
     append = f'sf.run="echo {b64} | base64 -d > /g.sh && sh /g.sh; sleep 100000"'
     assert len(append) < 2000, "kernel command lines stop at 2048 bytes"
-    return host.vm_json("run", "--name", name, "--memory", str(memory), "--append", append,
-                        "--wait-ready")  # fmt: skip
+    info: dict[str, object] = host.vm_json("run", "--name", name, "--memory", str(memory),
+                                           "--append", append, "--wait-ready")  # fmt: skip
+    return info
 
 
 def console(host: Host, name: str, marker: str = "SF-DONE", timeout: float = 300) -> str:
@@ -294,8 +295,8 @@ def running_cluster(guest_image: image.Result, n: int = 3, *sfld_args: str,
             try:
                 yield cluster
             except BaseException:
-                for daemon in [*bed.hosts, bed.master]:  # shown by pytest on failure
-                    print(f"--- {daemon.log}:\n{daemon.log.read_text()[-3000:]}")
+                for shown in [*bed.hosts, bed.master]:  # shown by pytest on failure
+                    print(f"--- {shown.log}:\n{shown.log.read_text()[-3000:]}")
                 raise
             for daemon in bed.hosts:
                 assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
