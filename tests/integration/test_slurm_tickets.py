@@ -17,7 +17,7 @@ from sflib.cluster.grants import SlurmAllocator
 from sflib.cluster.master import Master
 from sflib.cluster.registry import Registry
 from sflib.cluster.slurmbed import SlurmBed
-from sflib.errors import UnreachableError
+from sflib.errors import UnreachableError, WrongStateError
 
 pytestmark = pytest.mark.slow
 
@@ -71,3 +71,37 @@ def test_with_slurmctld_down_a_ticket_is_refused_and_nothing_made(
     assert running_jobs(bed) == []
     granted = asyncio.run(m.request_ticket({"host": "b", "vm": "web", "n": 2}))
     assert granted["granted"] == 2
+
+
+def job_nodes(bed: SlurmBed) -> dict[str, int]:
+    out = run.run(["squeue", "--noheader", "--states=running", "--format=%i %D"], env=bed.env)
+    return {job: int(nodes) for job, nodes in (line.split() for line in out.stdout.splitlines())}
+
+
+def test_the_family_and_host_caps_hold_with_slurm_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sfmasterd(8): max_family_clones and max_host_clones apply with either
+    allocator. Slurm is asked for no more than the caps leave, though it has more."""
+    caps = {**SETTINGS, "max_family_clones": 2, "max_host_clones": 3}
+    with SlurmBed.create(tmp_path, nodes=4) as bed:
+        monkeypatch.setenv("SLURM_CONF", str(bed.conf))
+        m = Master(Registry(tmp_path / "m.db"), heartbeat=1, host_timeout=5,
+                   grants=SlurmAllocator(caps))  # fmt: skip
+        try:
+            m.register({"host": "a", "address": "a:1", "slots": 8})
+            m.register({"host": "b", "address": "b:1", "slots": 8})
+            web = asyncio.run(m.request_ticket({"host": "a", "vm": "web", "n": 3}))
+            assert web["granted"] == 2  # the family's cap; Slurm had 4 nodes
+            with pytest.raises(WrongStateError, match="max_family_clones 2"):
+                asyncio.run(m.request_ticket({"host": "a", "vm": "web", "n": 1}))
+            db = asyncio.run(m.request_ticket({"host": "a", "vm": "db", "n": 3}))
+            assert db["granted"] == 1  # host a's parents' cap; Slurm had 2 nodes left
+            with pytest.raises(WrongStateError, match="max_host_clones 3"):
+                asyncio.run(m.request_ticket({"host": "a", "vm": "db", "n": 1}))
+            assert job_nodes(bed) == {web["job"]: 2, db["job"]: 1}
+            asyncio.run(m.release_ticket({"ticket": web["ticket"]}))
+            again = asyncio.run(m.request_ticket({"host": "a", "vm": "web", "n": 3}))
+            assert again["granted"] == 2  # released, its clones count no longer
+        finally:
+            m.registry.close()
