@@ -28,8 +28,8 @@ all: deps man completion c
 # C and assembly in c/, built warning-free into build/.
 CFLAGS ?= -O2 -g
 CFLAGS += -Wall -Wextra -Werror -std=gnu11
-C_TARGETS := build/kvm-probe.bin build/libsnowflock.a build/sf-ctest build/memserver build/memtap \
-             build/libnohugepage.so
+C_TARGETS := build/kvm-probe.bin build/libsnowflock.a build/libsnowflock.so build/sf-ctest \
+             build/memserver build/memtap build/libnohugepage.so
 
 c: $(C_TARGETS)
 
@@ -39,18 +39,35 @@ build/kvm-probe.bin: c/kvm-probe.S | deps-debian
 	$(CC) -c -o build/kvm-probe.o $<
 	ld -m elf_x86_64 -Ttext=0xffff0000 --oformat binary -o $@ build/kvm-probe.o
 
-# The C API for guests (c/snowflock.h): it runs the sf-* tools.
-build/snowflock.o: c/snowflock.c c/snowflock.h | deps-debian
-	@mkdir -p build
-	$(CC) $(CFLAGS) -c -o $@ $<
+# The C API for guests (c/snowflock.h, snowflock(3)): it speaks sfld's protocol over
+# the guest agent's socket. Static and shared (position-independent either way, so
+# one set of objects serves both); only the sf_* calls are exported.
+LIBSF_SOURCES := c/snowflock.c c/sf-proto.c c/sf-json.c c/sf-xs.c c/sf-hooks.c
+LIBSF_HEADERS := c/snowflock.h c/sf-proto.h c/sf-json.h c/sf-xs.h c/sf-hooks.h
+LIBSF_OBJECTS := $(patsubst c/%.c,build/libsf/%.o,$(LIBSF_SOURCES))
 
-build/libsnowflock.a: build/snowflock.o
+build/libsf/%.o: c/%.c $(LIBSF_HEADERS) | deps-debian
+	@mkdir -p build/libsf
+	$(CC) $(CFLAGS) -fPIC -c -o $@ $<
+
+build/libsnowflock.a: $(LIBSF_OBJECTS)
 	rm -f $@
 	$(AR) rcs $@ $^
 
-# Static, so it runs in any guest whatever its libraries (test_c_api.py puts it in one).
+build/libsnowflock.so.0: $(LIBSF_OBJECTS)
+	$(CC) $(CFLAGS) -shared -Wl,-soname,libsnowflock.so.0 -Wl,-z,defs -o $@ $^
+
+build/libsnowflock.so: build/libsnowflock.so.0
+	ln -sf libsnowflock.so.0 $@
+
+# Static, so they run in any guest whatever its libraries (test_c_api.py puts them in one).
 build/sf-ctest: c/sf-ctest.c c/snowflock.h build/libsnowflock.a
 	$(CC) $(CFLAGS) -static -o $@ $< build/libsnowflock.a
+
+CXXFLAGS ?= -O2 -g
+CXXFLAGS += -Wall -Wextra -Werror -std=c++17
+build/sf-cxxtest: c/sf-cxxtest.cpp c/snowflock.hpp c/snowflock.h build/libsnowflock.a
+	$(CXX) $(CXXFLAGS) -static -o $@ $< build/libsnowflock.a
 
 # The memory server and memtap (DESIGN §2 step 4), speaking c/memproto.h.
 build/memserver: c/memserver.c c/memproto.h | deps-debian
@@ -66,15 +83,15 @@ build/libnohugepage.so: c/nohugepage.c | deps-debian
 	@mkdir -p build
 	$(CC) $(CFLAGS) -shared -fPIC -o $@ $<
 
-build/sf-unittest: c/sf-unittest.c c/snowflock.h build/libsnowflock.a
-	$(CC) $(CFLAGS) -o $@ $< build/libsnowflock.a
+build/sf-unittest: c/sf-unittest.c $(LIBSF_HEADERS) build/libsnowflock.a
+	$(CC) $(CFLAGS) -pthread -o $@ $< build/libsnowflock.a
 
-# The C API's parsers, and its calls against fake tools, under valgrind. Not
-# --errors-for-leak-kinds=all: a child that fails to exec still holds the parent's
-# reachable blocks, and valgrind would change its exit status 127 to 1.
+# The C API's JSON, messages, hooks and XenStore client without a VM, under valgrind
+# (the calls against real servers: tests/integration/test_c_agent.py).
 .PHONY: test-c
 test-c: build/sf-unittest
-	valgrind -q --error-exitcode=1 --leak-check=full build/sf-unittest
+	valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+		--trace-children=no build/sf-unittest
 
 deps: deps-debian deps-python
 
