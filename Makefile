@@ -29,7 +29,7 @@ all: deps man completion c
 CFLAGS ?= -O2 -g
 CFLAGS += -Wall -Wextra -Werror -std=gnu11
 C_TARGETS := build/kvm-probe.bin build/libsnowflock.a build/libsnowflock.so build/sf-ctest \
-             build/memserver build/memtap build/libnohugepage.so
+             build/sf-cxxtest build/sf-cdrive build/memserver build/memtap build/libnohugepage.so
 
 c: $(C_TARGETS)
 
@@ -63,6 +63,10 @@ build/libsnowflock.so: build/libsnowflock.so.0
 # Static, so they run in any guest whatever its libraries (test_c_api.py puts them in one).
 build/sf-ctest: c/sf-ctest.c c/snowflock.h build/libsnowflock.a
 	$(CC) $(CFLAGS) -static -o $@ $< build/libsnowflock.a
+
+# A command-line driver of the calls, linked to the shared library (test_c_agent.py).
+build/sf-cdrive: c/sf-cdrive.c c/snowflock.h build/libsnowflock.so
+	$(CC) $(CFLAGS) -pthread -o $@ $< -Lbuild -lsnowflock -Wl,-rpath,'$$ORIGIN'
 
 CXXFLAGS ?= -O2 -g
 CXXFLAGS += -Wall -Wextra -Werror -std=c++17

@@ -76,13 +76,17 @@ static int exchange(struct sfx *x, const char *rid, const char *msg, size_t n, c
     return rc;
 }
 
+/* Says on stderr why fn could not reach sfld (rc from sfx_open), or sfld's own
+ * message msg. */
 static void complain(const char *fn, int rc, const char *msg)
 {
-    if (rc == -SF_EUNREACHABLE)
+    if (msg && *msg)
+        fprintf(stderr, "snowflock: %s: error: %s\n", fn, msg);
+    else if (rc == -SF_EUNREACHABLE)
         fprintf(stderr, "snowflock: %s: error: no XenStore agent nor port (is this a SnowFlock "
                         "VM?)\n", fn);
-    else if (msg && *msg)
-        fprintf(stderr, "snowflock: %s: error: %s\n", fn, msg);
+    else if (rc < 0)
+        fprintf(stderr, "snowflock: %s: error: cannot open the XenStore connection: %m\n", fn);
 }
 
 /* Sends op with args to sfld and waits for its reply: 0 and the result into
