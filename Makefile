@@ -127,7 +127,7 @@ completion: deps-python
 	$(PY) -m sflib.cli.completion --out completion/bash $(EXECUTABLES)
 
 # The guest image (sf-image(1)); sf-image itself skips a build whose inputs are unchanged.
-image: deps
+image: deps build/libsnowflock.so build/libsnowflock.a
 	bin/sf-image build
 
 # Every target a newcomer runs on a fresh clone builds what it uses: sfld needs the KVM

@@ -3,7 +3,8 @@
 A build whose inputs digest matches the one stored in the output directory's
 manifest does nothing. The inputs: every package's version, the include list, our
 Python dependencies' versions, the sflib sources (this code and the guest init
-among them), hooks.d and the compression.
+among them), hooks.d, libsnowflock as `make c` built it with its headers, and the
+compression.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ KERNEL_FILE = "vmlinuz"
 INITRD_FILE = "initrd.img"
 MANIFEST_FILE = "manifest.json"
 SFLIB_DIR = Path(sflib.__file__).resolve().parent
+C_SOURCES = PROJECT_ROOT / "c"  # snowflock.h, snowflock.hpp (rootfs.add_c_api)
 
 
 def default_out() -> Path:
@@ -126,6 +128,8 @@ def input_digest(opts: Options, pkgs: list[Package], dist_versions: list[str]) -
     tree_digest(h, SFLIB_DIR)
     h.update(b"\0hooks\0")
     tree_digest(h, opts.hooks)
+    for path in rootfs.c_api_files(BUILD_DIR, C_SOURCES):  # a missing one fails _assemble
+        h.update(f"\0{path.name}\0".encode() + (path.read_bytes() if path.is_file() else b""))
     return h.hexdigest()
 
 
@@ -219,6 +223,7 @@ def _assemble(
     for dist in plan.dists:
         pydists.copy_distribution(dist, root / rootfs.DIST_PACKAGES)
     rootfs.add_hooks(root, opts.hooks)
+    rootfs.add_c_api(root, BUILD_DIR, C_SOURCES)
     modules = rootfs.add_modules(root, kernel_tree, version, GUEST_MODULES)
     rootfs.make_ld_cache(root)
     report.stage("precompiling Python modules")

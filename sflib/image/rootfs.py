@@ -27,6 +27,10 @@ DHCP_SCRIPT = Path(__file__).with_name("udhcpc.script")
 GUEST_DHCP_SCRIPT = "etc/udhcpc/default.script"  # where Debian's busybox udhcpc looks
 GUEST_HOOKS = "etc/snowflock/hooks.d"
 GUEST_MODULE_LIST = "etc/snowflock/modules"
+GUEST_LIB_DIR = "usr/lib/x86_64-linux-gnu"  # libsnowflock, snowflock(3)
+GUEST_INCLUDE_DIR = "usr/include"
+C_LIBRARIES = ("libsnowflock.so.0", "libsnowflock.a")  # built by `make c` into build/
+C_HEADERS = ("snowflock.h", "snowflock.hpp")  # in c/
 
 # Never used in a guest: documentation, translations, and the parts of the stdlib
 # for a desktop or for developing CPython itself.
@@ -114,6 +118,31 @@ def add_sflib(root: Path, source: Path) -> None:
         link = root / "usr/bin" / program
         link.unlink(missing_ok=True)
         link.symlink_to(launcher)
+
+
+def c_api_files(build: Path, sources: Path) -> list[Path]:
+    """What add_c_api ships: the built libraries, then the public headers."""
+    return [build / name for name in C_LIBRARIES] + [sources / name for name in C_HEADERS]
+
+
+def add_c_api(root: Path, build: Path, sources: Path) -> None:
+    """Ship libsnowflock (.so.0 with its libsnowflock.so link, and .a) and snowflock.h and
+    snowflock.hpp, so guest programs build and run against them (snowflock(3)).
+
+    Raises NotFoundError when the libraries are not built.
+    """
+    missing = [str(p) for p in c_api_files(build, sources) if not p.is_file()]
+    if missing:
+        raise NotFoundError(f"not built: {', '.join(missing)}", hint="run make c")
+    lib_dir, include_dir = root / GUEST_LIB_DIR, root / GUEST_INCLUDE_DIR
+    lib_dir.mkdir(parents=True, exist_ok=True)
+    include_dir.mkdir(parents=True, exist_ok=True)
+    for name in C_LIBRARIES:
+        shutil.copyfile(build / name, lib_dir / name)
+    (lib_dir / "libsnowflock.so").unlink(missing_ok=True)
+    (lib_dir / "libsnowflock.so").symlink_to("libsnowflock.so.0")
+    for name in C_HEADERS:
+        shutil.copyfile(sources / name, include_dir / name)
 
 
 def add_hooks(root: Path, hooks: Path) -> None:
