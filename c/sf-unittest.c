@@ -412,9 +412,9 @@ static void test_hooks(int *f)
     CHECK(f, exists(h.dir, "30-after.out") && !exists(h.dir, "x.bak.out"));
     CHECK(f, !exists(h.dir, "40-noexec.out"));
     CHECK(f, setenv("SF_SLOW", "1", 1) == 0);
-    CHECK(f, sfh_run_hooks(h.root, "clone", "post", &identity, 300) == 2); /* 50-slow too */
+    CHECK(f, sfh_run_hooks(h.root, "clone", "post", &identity, 2000) == 2); /* 50-slow too */
     CHECK(f, unsetenv("SF_SLOW") == 0 && unsetenv("SF_KEEP") == 0 && unsetenv("OTHER") == 0);
-    CHECK(f, sfh_run_hooks(h.root, "clone", "pre", &identity, 300) == 0); /* no such folder */
+    CHECK(f, sfh_run_hooks(h.root, "clone", "pre", &identity, 2000) == 0); /* no such folder */
     CHECK(f, setenv("SF_HOOKS_DIR", h.root, 1) == 0);
     CHECK(f, sfh_run_hooks(NULL, "clone", "post", NULL, 5000) == 1);
     CHECK(f, unsetenv("SF_HOOKS_DIR") == 0);
@@ -598,9 +598,9 @@ static int stop_peer(struct peer *p, pthread_t thread)
     return rc | unlink(p->path);
 }
 
-/* sf_exit in a child process; returns its exit status, or -1 (-2: still waiting
- * after the request succeeded, as it should, and was killed). */
-static int exit_status_of_sf_exit(int status)
+/* sf_exit in a child process: its exit status, or -1. With waits, -2 if it is still
+ * waiting (as it should once sfld took the request) after a second; it is killed. */
+static int exit_status_of_sf_exit(int status, int waits)
 {
     int wstatus;
     pid_t pid = fork();
@@ -609,12 +609,16 @@ static int exit_status_of_sf_exit(int status)
         sf_exit(status);
     if (pid < 0)
         return -1;
-    usleep(300 * 1000);
-    if (waitpid(pid, &wstatus, WNOHANG) == 0) {
+    if (waits) {
+        sleep(1);
+        if (waitpid(pid, &wstatus, WNOHANG) != 0)
+            return -1; /* it ended, or cannot be waited for */
         if (kill(pid, SIGKILL) < 0 || waitpid(pid, &wstatus, 0) < 0)
             return -1;
         return -2;
     }
+    if (waitpid(pid, &wstatus, 0) < 0)
+        return -1;
     return WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : -1;
 }
 
@@ -646,8 +650,8 @@ static void test_calls(int *f, struct peer *p)
     CHECK(f, sf_kill(&t) == 1);
     CHECK(f, sf_kill(&bad) == -SF_EWRONGSTATE);
     CHECK(f, sf_kill(&junk) == -SF_ESYSTEM && errno == EPROTO);
-    CHECK(f, exit_status_of_sf_exit(3) == SF_EWRONGSTATE); /* the fake says: a parent */
-    CHECK(f, exit_status_of_sf_exit(5) == -2);              /* accepted: waits for its end */
+    CHECK(f, exit_status_of_sf_exit(3, 0) == SF_EWRONGSTATE); /* the fake says: a parent */
+    CHECK(f, exit_status_of_sf_exit(5, 1) == -2);             /* accepted: waits for its end */
     CHECK(f, p->connections >= 15);
 }
 
@@ -658,7 +662,7 @@ static void test_unreachable(int *f)
     fprintf(stderr, "sf-unittest: complaints about no agent are expected:\n");
     CHECK(f, setenv("SF_XENBUS", "/nonexistent/port", 1) == 0);
     CHECK(f, sf_kill(&t) == -SF_EUNREACHABLE);
-    CHECK(f, exit_status_of_sf_exit(0) == SF_EUNREACHABLE);
+    CHECK(f, exit_status_of_sf_exit(0, 0) == SF_EUNREACHABLE);
     CHECK(f, unsetenv("SF_XENBUS") == 0 && setenv("XENSTORED_PATH", "/nonexistent/sock", 1) == 0);
     /* No agent socket: the port, which no test machine has. */
     if (access(SFX_PORT, F_OK) != 0)

@@ -76,21 +76,9 @@ static int exchange(struct sfx *x, const char *rid, const char *msg, size_t n, c
     return rc;
 }
 
-/* Says on stderr why fn could not reach sfld (rc from sfx_open), or sfld's own
- * message msg. */
-static void complain(const char *fn, int rc, const char *msg)
-{
-    if (msg && *msg)
-        fprintf(stderr, "snowflock: %s: error: %s\n", fn, msg);
-    else if (rc == -SF_EUNREACHABLE)
-        fprintf(stderr, "snowflock: %s: error: no XenStore agent nor port (is this a SnowFlock "
-                        "VM?)\n", fn);
-    else if (rc < 0)
-        fprintf(stderr, "snowflock: %s: error: cannot open the XenStore connection: %m\n", fn);
-}
-
 /* Sends op with args to sfld and waits for its reply: 0 and the result into
- * *result (to free), or a negative error, said on stderr. fn names the call. */
+ * *result (to free), or a negative error: sfld's, said on stderr with its message,
+ * or -SF_ESYSTEM with errno. fn names the call. */
 static int request(const char *fn, const char *op, const struct sfp_arg *args, size_t nargs,
                    struct sfj *result)
 {
@@ -104,10 +92,11 @@ static int request(const char *fn, const char *op, const struct sfp_arg *args, s
         return -SF_EUSAGE; /* arguments longer than a XenStore value */
     new_rid(rid);
     rc = sfx_open(&x);
-    if (rc < 0) {
-        complain(fn, rc, NULL);
-        return rc;
-    }
+    if (rc == -SF_EUNREACHABLE)
+        fprintf(stderr, "snowflock: %s: error: no XenStore agent nor port (is this a SnowFlock "
+                        "VM?)\n", fn);
+    if (rc < 0)
+        return rc; /* else errno says which system call failed */
     rc = exchange(&x, rid, msg, (size_t)n, reply, sizeof reply, &len);
     err = errno;
     sfx_close(&x);
@@ -115,7 +104,8 @@ static int request(const char *fn, const char *op, const struct sfp_arg *args, s
     if (rc < 0)
         return rc;
     rc = sfp_reply(reply, len, result, why, sizeof why);
-    complain(fn, rc, why);
+    if (rc < 0 && why[0])
+        fprintf(stderr, "snowflock: %s: error: %s\n", fn, why); /* sfld's words */
     return rc;
 }
 
