@@ -296,3 +296,14 @@ MASTER_SETTINGS: tuple[Setting, ...] = (
             "(seconds)."),
 )
 # fmt: on
+
+# fmt: off
+GUESTD_SETTINGS: tuple[Setting, ...] = (
+    Setting("xenbus_port", Path, lambda p: Path("/dev/virtio-ports/org.snowflock.xenbus"),
+            "The guest's XenStore port (virtio-serial), or a XenStore server's Unix socket."),
+    Setting("xenstored_socket", Path, lambda p: Path("/run/xenstored/socket"),
+            "Where guest programs connect: Xen's xenstored socket, pyxs's default."),
+    Setting("socket_mode", str, lambda p: "0600",
+            "The socket's permissions, in octal: who in the guest may use the API."),
+)
+# fmt: on

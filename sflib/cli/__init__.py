@@ -1,9 +1,9 @@
 """One module per executable; bin/<name> runs sflib.cli.<module> (see module_of)."""
 
 PROGRAMS = [
-    "sf-checkpoint", "sf-clone", "sf-cluster", "sf-exit", "sf-image", "sf-join", "sf-kill",
-    "sf-memserver", "sf-memtap", "sf-share", "sf-ticket", "sf-vm", "sf-xenstored", "sfld",
-    "sfmasterd", "sf-testcluster",
+    "sf-checkpoint", "sf-clone", "sf-cluster", "sf-exit", "sf-guestd", "sf-image", "sf-join",
+    "sf-kill", "sf-memserver", "sf-memtap", "sf-share", "sf-ticket", "sf-vm", "sf-xenstored",
+    "sfld", "sfmasterd", "sf-testcluster",
 ]  # fmt: skip
 
 

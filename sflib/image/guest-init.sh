@@ -12,6 +12,7 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
 MODULES=/etc/snowflock/modules
 XENBUS_PORT=org.snowflock.xenbus
+AGENT_SOCKET=/run/xenstored/socket
 
 say() {
     echo "snowflock-guest: $*"
@@ -34,6 +35,8 @@ mount_filesystems() {
     mount -t tmpfs tmpfs /dev/shm
     mount -t tmpfs tmpfs /tmp
     mount -t tmpfs tmpfs /run
+    mkdir -p /var
+    [ -e /var/run ] || ln -s /run /var/run  # where pyxs looks for xenstored (FHS)
 }
 
 load_modules() {
@@ -68,6 +71,28 @@ wait_for_ports() {
     say "no virtio port named $XENBUS_PORT"
 }
 
+# sf-guestd(8) owns the XenStore port from now on and serves every guest process
+# on Xen's xenstored socket, where the tools, the libraries and xenstore-utils look.
+start_agent() {
+    [ -e "/dev/virtio-ports/$XENBUS_PORT" ] || return 0
+    # Restarted if it dies: it then drops what the dead one left in the session.
+    (while :; do
+        sf-guestd --quiet </dev/null
+        say "sf-guestd exited with status $?: restarting it"
+        sleep 1
+    done) &
+    agent=$!
+    tries=200  # 20 s: its start, under TCG on a loaded host
+    while [ ! -S "$AGENT_SOCKET" ]; do
+        if ! kill -0 "$agent" 2>/dev/null || [ "$tries" -eq 0 ]; then
+            say "sf-guestd did not start: the tools use the port, one at a time"
+            return 0
+        fi
+        tries=$((tries - 1))
+        sleep 0.1
+    done
+}
+
 # A VM on a family network (sfld(8), NETWORK) asks its host's DHCP server for its
 # address: the lease is static, so a reboot or renewal gets the same one.
 configure_network() {
@@ -87,6 +112,7 @@ main() {
     [ "$(param 'sf\.debug')" = 1 ] && set -x
     load_modules
     wait_for_ports
+    start_agent
     ifconfig lo 127.0.0.1 up
     configure_network
     hostname snowflock

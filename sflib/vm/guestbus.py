@@ -18,6 +18,7 @@ from sflib.errors import UnreachableError
 
 XENBUS_PORT = "org.snowflock.xenbus"
 PORT_PATH = f"/dev/virtio-ports/{XENBUS_PORT}"
+AGENT_SOCKET = "/run/xenstored/socket"  # sf-guestd's, where Xen guests find xenstored
 
 
 class _PortTransport:
@@ -55,13 +56,21 @@ class PortConnection(PacketConnection):  # type: ignore[misc]
 
 
 def open_bus(path: str | None = None) -> Client:
-    """A connected pyxs client, watches included. Raises UnreachableError."""
-    path = path or os.environ.get("SF_XENBUS", PORT_PATH)
-    if not os.path.exists(path):
-        raise UnreachableError(f"no XenStore port at {path}", hint="is this a SnowFlock VM?")
-    client = Client(router=Router(PortConnection(path)))
+    """A connected pyxs client, watches included: through sf-guestd(8)'s socket when
+    it serves, else (or with $SF_XENBUS) on the port itself, which admits one
+    process at a time. Raises UnreachableError."""
+    path = path or os.environ.get("SF_XENBUS")
+    agent = os.environ.get("XENSTORED_PATH", AGENT_SOCKET)
+    if path is None and os.path.exists(agent):
+        client = Client(unix_socket_path=agent)
+        path = agent
+    else:
+        path = path or PORT_PATH
+        if not os.path.exists(path):
+            raise UnreachableError(f"no XenStore port at {path}", hint="is this a SnowFlock VM?")
+        client = Client(router=Router(PortConnection(path)))
     try:
         client.connect()
     except (OSError, PyXSError) as e:
-        raise UnreachableError(f"cannot open the XenStore port {path}: {e}") from e
+        raise UnreachableError(f"cannot open the XenStore connection {path}: {e}") from e
     return client
