@@ -11,7 +11,8 @@
  *   sf-cdrive exit STATUS         (never returns; exits with the error's code)
  *   sf-cdrive threads N           N threads at once, each: a ticket for 1, then join
  *                                 it; THREAD K TICKET COUNT per thread
- *   sf-cdrive bench N             N tickets in a row; MEAN-MS X
+ *   sf-cdrive bench N [TICKET]    N tickets in a row (or N joins of TICKET, whatever
+ *                                 their outcome: one round trip each); MEAN-MS X
  *
  * or "ERR CODE ERRNO" (CODE the exit code, ERRNO for SF_ESYSTEM) and exits with CODE.
  * Exits 2 for a bad command line.
@@ -123,14 +124,14 @@ static double now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-static int do_bench(int n)
+static int do_bench(int n, const char *ticket)
 {
     double start = now();
-    sf_ticket_t t;
+    sf_ticket_t t = ticket_named(ticket ? ticket : "");
 
     for (int k = 0; k < n; k++) {
-        int rc = sf_request_ticket(1, &t);
-        if (rc < 0)
+        int rc = ticket ? sf_join(&t, NULL, 0) : sf_request_ticket(1, &t);
+        if (rc < 0 && !ticket)
             return report(rc);
     }
     printf("MEAN-MS %.3f\n", (now() - start) * 1000 / (n > 0 ? n : 1));
@@ -173,8 +174,8 @@ int main(int argc, char **argv)
         sf_exit(atoi(argv[2]));
     if (strcmp(cmd, "threads") == 0 && argc == 3)
         return do_threads(atoi(argv[2]));
-    if (strcmp(cmd, "bench") == 0 && argc == 3)
-        return do_bench(atoi(argv[2]));
+    if (strcmp(cmd, "bench") == 0 && (argc == 3 || argc == 4))
+        return do_bench(atoi(argv[2]), argc == 4 ? argv[3] : NULL);
     fprintf(stderr, "usage: sf-cdrive ticket|clone|checkpoint|create|join|kill|exit|threads|bench ...\n");
     return 2;
 }
