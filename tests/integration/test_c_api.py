@@ -31,9 +31,11 @@ VERDICT_TIMEOUT = 300.0  # boot, four forks under TCG
 LIB = "/usr/lib/x86_64-linux-gnu"
 SHIPPED = (f"{LIB}/libsnowflock.so.0", f"{LIB}/libsnowflock.so", f"{LIB}/libsnowflock.a",
            "/usr/include/snowflock.h", "/usr/include/snowflock.hpp")  # fmt: skip
-# Each program in turn, then what the image ships. sf-cdrive is dynamically linked: it
+# Which way the library reaches sfld (through sf-guestd if it serves), each program in
+# turn, then what the image ships. sf-cdrive is dynamically linked: it
 # runs only with the image's libsnowflock.so.0 (it prints "ERR 3 0": no such ticket).
 SUITE = f"""#!/bin/sh
+[ -S /run/xenstored/socket ] && echo C-TRANSPORT agent || echo C-TRANSPORT port
 sf-ctest
 sf-cxxtest
 echo C-DRIVE $(sf-cdrive join t999-nosuch)
