@@ -481,6 +481,11 @@ struct peer {
     int listener;
     int connections; /* served */
     char identity[256];
+    int trickle; /* send byte by byte, each reply after a stray one of another ID */
+};
+
+struct conn {
+    int fd, trickle;
 };
 
 struct msg {
@@ -503,22 +508,42 @@ static int recv_msg(int fd, struct msg *m)
     return 0;
 }
 
-static int send_msg(int fd, uint32_t op, uint32_t id, const char *body, size_t len)
+static int send_all(const struct conn *c, const char *buf, size_t len)
 {
-    char buf[16 + SFX_PAYLOAD_MAX] = {0};
+    for (size_t k = 0; k < len; k += c->trickle ? 1 : len - k)
+        if (send(c->fd, buf + k, c->trickle ? 1 : len - k, MSG_NOSIGNAL) <= 0)
+            return -1;
+    return 0;
+}
 
+static void put_header(char *buf, uint32_t op, uint32_t id, size_t len)
+{
+    memset(buf, 0, 16);
     buf[0] = (char)op;
     buf[4] = (char)id;
     buf[5] = (char)(id >> 8);
     buf[6] = (char)(id >> 16);
     buf[12] = (char)len;
     buf[13] = (char)(len >> 8);
+}
+
+static int send_msg(const struct conn *c, uint32_t op, uint32_t id, const char *body, size_t len)
+{
+    char buf[16 + SFX_PAYLOAD_MAX];
+
+    if (c->trickle && op != SFX_WATCH_EVENT) { /* what a killed earlier opener left */
+        put_header(buf, SFX_READ, id + 1000, 5);
+        memcpy(buf + 16, "stray", 5);
+        if (send_all(c, buf, 21) < 0)
+            return -1;
+    }
+    put_header(buf, op, id, len);
     memcpy(buf + 16, body, len);
-    return send(fd, buf, 16 + len, MSG_NOSIGNAL) == (ssize_t)(16 + len) ? 0 : -1;
+    return send_all(c, buf, 16 + len);
 }
 
 /* A watch event for the connection's one watch. */
-static int send_event(int fd, const char *path, const char *token)
+static int send_event(const struct conn *fd, const char *path, const char *token)
 {
     char body[512];
     int n = snprintf(body, sizeof body, "%s%c%s", path, '\0', token);
@@ -529,13 +554,14 @@ static int send_event(int fd, const char *path, const char *token)
 /* One client connection, as a XenStore server with sfld behind it would serve it.
  * The first read of the reply key finds nothing and brings another event: the
  * library must wait on. */
-static void serve(struct peer *p, int fd)
+static void serve(struct peer *p, int sock)
 {
+    const struct conn conn = {sock, p->trickle}, *fd = &conn;
     char path[512] = "", token[128] = "", reply[SFX_PAYLOAD_MAX];
     int answered = 0, reads = 0;
     struct msg m;
 
-    while (recv_msg(fd, &m) == 0) {
+    while (recv_msg(sock, &m) == 0) {
         const char *value = m.body + strlen(m.body) + 1;
         int ok = 0;
         if (m.op == SFX_WATCH) {
@@ -561,7 +587,7 @@ static void serve(struct peer *p, int fd)
         if (!ok)
             break;
     }
-    (void)close(fd);
+    (void)close(sock);
 }
 
 static void *peer_main(void *arg)
@@ -655,6 +681,19 @@ static void test_calls(int *f, struct peer *p)
     CHECK(f, p->connections >= 15);
 }
 
+/* Replies that come a byte at a time, each after a stray reply: the same results. */
+static void test_trickle(int *f, struct peer *p)
+{
+    sf_ticket_t t = {"t1-abc", 1, 1};
+    sf_clone_status_t c[3];
+
+    p->trickle = 1;
+    CHECK(f, sf_request_ticket(2, &t) == 0 && strcmp(t.id, "t1-abc") == 0);
+    CHECK(f, sf_join(&t, c, 3) == 3 && c[0].status == 11 && c[2].id == 10);
+    CHECK(f, sf_clone(&t) == 0);
+    p->trickle = 0;
+}
+
 static void test_unreachable(int *f)
 {
     sf_ticket_t t = {"t1-abc", 1, 1};
@@ -702,6 +741,7 @@ int main(void)
     CHECK(&failures, setenv("SF_XENBUS", peer.path, 1) == 0);
     CHECK(&failures, setenv("SF_HOOKS_DIR", "/nonexistent", 1) == 0);
     test_calls(&failures, &peer);
+    test_trickle(&failures, &peer);
     CHECK(&failures, unsetenv("SF_XENBUS") == 0);
     CHECK(&failures, stop_peer(&peer, thread) == 0);
     test_unreachable(&failures);
