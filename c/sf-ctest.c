@@ -12,7 +12,7 @@
  * Exits 0 on PASS, 1 on FAIL.
  *
  * sf_exit in the parent is not tried: it ends the calling process by design
- * (sf-unittest covers that path with a fake sf-exit).
+ * (sf-unittest covers that path against a fake XenStore peer).
  */
 #include "snowflock.h"
 

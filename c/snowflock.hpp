@@ -27,9 +27,10 @@ namespace snowflock {
 // left (meaningful for SF_ESYSTEM).
 class Error : public std::runtime_error {
 public:
-    Error(const std::string& call, int code)
+    // err defaults to errno as the call left it, read before the message is built.
+    Error(const std::string& call, int code, int err = errno)
         : std::runtime_error(call + ": " + sf_strerror(code)),
-          code_(code < 0 ? -code : code), errno_(errno) {}
+          code_(code < 0 ? -code : code), errno_(err) {}
 
     int code() const noexcept { return code_; }
     int sys_errno() const noexcept { return errno_; }
