@@ -6,6 +6,9 @@
 // 2. request_ticket(2), clone: each clone prints "CXX-CLONE ID" and exits ID + 30;
 //    the parent joins and prints "CXX-JOIN ID STATE STATUS" lines.
 // Then the verdict: "CXX-TEST PASS", or "CXX-TEST FAIL: reason". Exits 0 or 1.
+// With the argument "more" (against the fake sfld only, which forks nothing), the
+// other calls instead: checkpoint_parent, create_clones and kill, and the errors of
+// a used-up ticket.
 #include "snowflock.hpp"
 
 #include <cstdio>
@@ -67,12 +70,31 @@ bool check_clone_and_join()
     return ok || fail("clones 1 and 2 should exit 31 and 32");
 }
 
+bool check_more_calls()
+{
+    auto ckpt = snowflock::checkpoint_parent();
+    if (ckpt.clone_id != 0 || ckpt.id.empty())
+        return fail("checkpoint_parent gave " + ckpt.id + " " + std::to_string(ckpt.clone_id));
+    snowflock::Ticket t = snowflock::request_ticket(kClones);
+    snowflock::create_clones(ckpt.id, t);
+    int killed = snowflock::kill(t);
+    std::cout << "CXX-CKPT " << ckpt.id << " CXX-KILLED " << killed << std::endl;
+    return (killed == kClones || fail("kill killed " + std::to_string(killed))) &&
+           throws([&] { t.kill(); }, SF_EUSAGE, "a second kill") &&
+           throws([&] { snowflock::create_clones(ckpt.id, t); }, SF_EUSAGE,
+                  "create_clones with a used-up ticket") &&
+           throws([&] { snowflock::create_clones("c9-nosuch", snowflock::request_ticket(1)); },
+                  SF_ENOTFOUND, "create_clones from a made-up checkpoint");
+}
+
 } // namespace
 
-int main()
+int main(int argc, char** argv)
 {
+    bool more = argc > 1 && std::string(argv[1]) == "more";
+
     try {
-        if (!check_errors() || !check_clone_and_join())
+        if (more ? !check_more_calls() : !check_errors() || !check_clone_and_join())
             return 1;
     } catch (const snowflock::Error& e) {
         fail(std::string(e.what()) + " (code " + std::to_string(e.code()) + ")");

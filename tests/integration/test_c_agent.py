@@ -321,6 +321,15 @@ async def test_cxx_program_tickets_clones_joins_and_throws(guest: Guest) -> None
     assert [op for op, _ in guest.sfld.requests] == ["join", "ticket", "ticket", "clone", "join"]
 
 
+async def test_cxx_checkpoint_create_clones_and_kill(guest: Guest) -> None:
+    got = await run(guest, "sf-cxxtest", "more")
+    assert got.code == 0 and got.out[-1] == ["CXX-TEST", "PASS"], got
+    assert ["CXX-CKPT", "c1-fake", "CXX-KILLED", "2"] in got.out
+    assert [op for op, _ in guest.sfld.requests] == [
+        "checkpoint", "ticket", "create_clones", "kill", "ticket", "create_clones"
+    ]  # fmt: skip
+
+
 async def test_latency_of_a_request_through_the_agent(guest: Guest) -> None:
     got = await drive(guest, "bench", "200")
     assert got.code == 0, got
