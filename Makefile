@@ -137,8 +137,8 @@ demo: deps man c
 	$(PY) -m sflib.demo
 
 lint: deps-python
-	$(VENV)/bin/ruff check sflib tests bench
-	$(VENV)/bin/ruff format --check sflib tests bench
+	$(VENV)/bin/ruff check sflib snowflock tests bench
+	$(VENV)/bin/ruff format --check sflib snowflock tests bench
 	$(VENV)/bin/mypy
 	shellcheck -x .ci/run sflib/cli/launcher.sh tests/bats/*.bash completion/bash/* \
 	    hooks.d/*/* demo/*.sh sflib/image/guest-init.sh sflib/image/udhcpc.script

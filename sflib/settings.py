@@ -156,7 +156,8 @@ SFLD_SETTINGS: tuple[Setting, ...] = (
         "memtap_timeout",
         float,
         lambda p: 10.0,
-        "Seconds memtap waits for the memory server before a read fails.",
+        "Seconds memtap waits for an answer from the memory server; it reconnects once, "
+        "so a read fails within about twice this.",
     ),
     Setting(
         "secret_file",

@@ -21,7 +21,7 @@ def exit_clone(
 ) -> None:
     """End this clone; its parent's sf-join reports STATUS. Does not return."""
     setup_logging(PROGRAM, debug, quiet)
-    api.exit(status)
+    api.exit_clone(status)
 
 
 if __name__ == "__main__":

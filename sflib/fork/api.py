@@ -21,10 +21,12 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 from pyxs import Client, PyXSError
 
+from sflib.errors import SnowFlockError
 from sflib.fork import freepages, layout
 from sflib.hooks.runner import run_hooks
 from sflib.vm.guestbus import open_bus
@@ -32,6 +34,7 @@ from sflib.vm.guestbus import open_bus
 log = logging.getLogger(__name__)
 
 RNDRESEEDCRNG = 0x5207  # linux/random.h: _IO('R', 0x07)
+AVOIDANCE_LOCK = Path("/run/snowflock/avoidance.lock")  # one free-page holder at a time
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,9 @@ def create_clones(checkpoint: str, ticket: str) -> int:
     return int(request("create_clones", checkpoint=checkpoint, ticket=ticket)["id"])
 
 
-def exit(status: int = 0) -> NoReturn:
-    """End this clone with status; sfld stops it, so this never returns."""
+def exit_clone(status: int = 0) -> NoReturn:
+    """End this clone with status; sfld stops it, so this never returns (the
+    paper's exit, snowflock.exit)."""
     request("exit", status=status)
     while True:
         time.sleep(3600)
@@ -133,14 +137,18 @@ def kill(ticket: str) -> dict[str, Any]:
 def _free_pages(avoidance: bool) -> Iterator[dict[str, str]]:
     """{"freepages": KEY} naming the report of the pages held here, or {} when there is
     none; the pages are held until the block ends (in the parent and the clones)."""
+    lock = _avoidance_lock() if avoidance else None
     try:
-        held = freepages.reserve() if avoidance else None
+        held = freepages.reserve() if lock is not None else None
     except OSError as e:
         log.warning("no free-page report: %s", e)
         held = None
     if held is None:
+        if lock is not None:
+            os.close(lock)
         yield {}
         return
+    assert lock is not None  # held only with it
     key = f"{layout.FREEPAGES}/{secrets.token_hex(4)}"
     try:
         chunks = freepages.encode(freepages.runs(held.pfns))
@@ -151,7 +159,28 @@ def _free_pages(avoidance: bool) -> Iterator[dict[str, str]]:
         yield {"freepages": key}
     finally:
         held.release()
+        os.close(lock)
         _forget(key)
+
+
+def _avoidance_lock() -> int | None:
+    """A descriptor holding the guest's one avoidance lock, or None if another
+    process holds it: two processes that each took most of the free memory would
+    run the guest out of it. Without the lock a call makes no free-page report (and
+    sfld refuses a second fork while one is in flight anyway)."""
+    try:
+        AVOIDANCE_LOCK.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(AVOIDANCE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        log.warning("no free-page report: cannot open %s: %s", AVOIDANCE_LOCK, e.strerror)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        log.info("another process holds the guest's free pages: no free-page report")
+        return None
+    return fd
 
 
 def _forget(key: str) -> None:
@@ -161,6 +190,8 @@ def _forget(key: str) -> None:
             client.delete(key.encode())
     except PyXSError:
         log.debug("free-page report %s already gone", key)
+    except SnowFlockError as e:  # the fork is done: a report left behind is sfld's to drop
+        log.warning("free-page report %s not removed: %s", key, e)
 
 
 def identity() -> dict[str, Any]:

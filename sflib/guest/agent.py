@@ -85,6 +85,8 @@ class Agent:
 
     def close(self) -> None:
         """Stop listening, drop every client, close the port."""
+        if self.failed is not None and self.failed.done() and not self.failed.cancelled():
+            self.failed.exception()  # seen: serve() raises it, a test may not ask
         if self._server is not None:
             self._server.close()
             self._server = None

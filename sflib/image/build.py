@@ -37,6 +37,7 @@ KERNEL_FILE = "vmlinuz"
 INITRD_FILE = "initrd.img"
 MANIFEST_FILE = "manifest.json"
 SFLIB_DIR = Path(sflib.__file__).resolve().parent
+PYTHON_API_DIR = SFLIB_DIR.parent / "snowflock"  # import snowflock (snowflock.3py)
 C_SOURCES = PROJECT_ROOT / "c"  # snowflock.h, snowflock.hpp (rootfs.add_c_api)
 
 
@@ -126,6 +127,8 @@ def input_digest(opts: Options, pkgs: list[Package], dist_versions: list[str]) -
     lines += [f"{p.name}={p.version}:{p.arch}" for p in pkgs] + dist_versions
     h.update("\n".join(lines).encode())
     tree_digest(h, SFLIB_DIR)
+    h.update(b"\0snowflock\0")
+    tree_digest(h, PYTHON_API_DIR)
     h.update(b"\0hooks\0")
     tree_digest(h, opts.hooks)
     for path in rootfs.c_api_files(BUILD_DIR, C_SOURCES):  # a missing one fails _assemble
@@ -219,7 +222,7 @@ def _assemble(
     rootfs.trim(root)
     rootfs.add_skeleton(root)
     rootfs.add_busybox_links(root)
-    rootfs.add_sflib(root, SFLIB_DIR)
+    rootfs.add_sflib(root, SFLIB_DIR, PYTHON_API_DIR)
     for dist in plan.dists:
         pydists.copy_distribution(dist, root / rootfs.DIST_PACKAGES)
     rootfs.add_hooks(root, opts.hooks)

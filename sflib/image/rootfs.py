@@ -109,10 +109,12 @@ def add_busybox_links(root: Path) -> int:
     return count
 
 
-def add_sflib(root: Path, source: Path) -> None:
-    """Copy the sflib package and link each executable in /usr/bin (via launcher.sh)."""
-    dest = root / DIST_PACKAGES / "sflib"
-    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+def add_sflib(root: Path, source: Path, python_api: Path) -> None:
+    """Copy the sflib package and the snowflock module (the Python API) and link each
+    executable in /usr/bin (via launcher.sh)."""
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(source, root / DIST_PACKAGES / "sflib", ignore=skip)
+    shutil.copytree(python_api, root / DIST_PACKAGES / "snowflock", ignore=skip)
     launcher = f"/{DIST_PACKAGES}/sflib/cli/launcher.sh"
     for program in PROGRAMS:
         link = root / "usr/bin" / program

@@ -95,7 +95,7 @@ if api.clone(t1.id, avoidance=False):  # a clone of the first fork runs on
 want2 = write(256 << 10, 1 << 20)
 if api.clone(t2.id, avoidance=False):
     share(seen())
-    api.exit(0)
+    api.exit_clone(0)
 print("WANT", want1, want2, t1.granted, flush=True)
 joined = api.join(t2.id)
 print("JOIN2", json.dumps({k: c["state"] for k, c in joined["clones"].items()}), flush=True)
