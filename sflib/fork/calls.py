@@ -178,6 +178,14 @@ class Calls:
     async def _spawn(self, parent: VM, ckpt: Checkpoint, ticket: Ticket,
                      reply: dict[str, Any]) -> None:  # fmt: skip
         """Start ticket's clones here and on the hosts the master chose, side by side."""
+        with self.life.spawning(ticket):
+            await self._start_clones(parent, ckpt, ticket, reply)
+        if ticket.state != TicketState.ENDED:
+            ticket.state = TicketState.ACTIVE
+        self.life.check_finished(ticket)
+
+    async def _start_clones(self, parent: VM, ckpt: Checkpoint, ticket: Ticket,
+                            reply: dict[str, Any]) -> None:  # fmt: skip
         ticket.state = TicketState.CLONING
         started = time.perf_counter()
         await ckpt.ready()
@@ -196,9 +204,6 @@ class Calls:
 
         await asyncio.gather(*(start_here(k) for k in ids.get(self.here, [])),
                              *([remote] if remote is not None else []))  # fmt: skip
-        if ticket.state != TicketState.ENDED:
-            ticket.state = TicketState.ACTIVE
-        self.life.check_finished(ticket)
 
     def _clone_of(self, vm: VM, tool: str) -> tuple[Ticket, int]:
         if vm.clone_id is None:

@@ -7,7 +7,9 @@ master released.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from sflib.cluster.link import ClusterLink
 from sflib.fork.checkpoint import Checkpoint
@@ -28,12 +30,33 @@ class TicketLife:
         self.cluster = cluster
         self.checkpoints: dict[str, Checkpoint] = {}
         self.finished: dict[str, asyncio.Event] = {}  # per ticket: all clones ended
+        self.starting: dict[str, asyncio.Event] = {}  # per ticket: set once all started
 
     def granted(self, ticket: Ticket) -> None:
         self.finished[ticket.id] = asyncio.Event()
 
+    @contextlib.contextmanager
+    def spawning(self, ticket: Ticket) -> Iterator[None]:
+        """While ticket's clones start, here and on other hosts."""
+        started = self.starting[ticket.id] = asyncio.Event()
+        try:
+            yield
+        finally:
+            started.set()
+            self.starting.pop(ticket.id, None)
+
+    async def started(self, ticket: Ticket) -> None:
+        """Until ticket's clones have started (or failed to)."""
+        started = self.starting.get(ticket.id)
+        if started is not None:
+            await started.wait()
+
     async def kill_running(self, ticket: Ticket) -> list[Clone]:
-        """Its running clones, here and on other hosts, killed (and so reported)."""
+        """Its running clones, here and on other hosts, killed (and so reported).
+        Clones still starting are waited for first: killed before they run, they
+        would be missed (another host's, not there yet) or have their checkpoint
+        removed under them, and the kill would report none."""
+        await self.started(ticket)
         running = [c for c in ticket.clones.values() if c.state == CloneState.RUNNING]
         for clone in running:
             clone.state = CloneState.KILLED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -17,6 +18,7 @@ from sflib.fork import freepages, layout
 from sflib.fork.engine import ForkEngine
 from sflib.fork.freepages import PAGE, ram_offset
 from sflib.fork.images import MemoryImage
+from sflib.fork.lifecycle import TicketLife
 from sflib.fork.share import CHUNK, chunks
 from sflib.fork.tickets import Clone, CloneState, TicketBook, TicketState
 from sflib.hooks.runner import HookFailed, hooks_in, run_hooks
@@ -196,3 +198,37 @@ def test_marking_free_pages_punches_them_out_of_the_image(tmp_path: Path) -> Non
     image.use("x")
     image.release("x")
     assert not image.path.exists() and not image.free_map.exists()
+
+
+async def test_a_kill_while_clones_start_waits_for_them_and_kills_them() -> None:
+    """sf-kill right after sf-clone (libsnowflock returns that fast): the clones still
+    starting are killed once they run, here and on other hosts, not missed."""
+    book = TicketBook(capacity=4)
+    ticket = book.grant("web", 2)
+    stopped: list[object] = []
+
+    class Stopper:
+        async def stop(self, *what: object) -> None:
+            stopped.append(what)
+
+    life = TicketLife(book, Stopper(), Stopper(), None)  # type: ignore[arg-type]
+    life.granted(ticket)
+    may_start = asyncio.Event()
+
+    async def spawn() -> None:
+        with life.spawning(ticket):
+            await may_start.wait()  # the clones' QEMUs are starting
+            ticket.clones = {1: Clone(1, "t-1"), 2: Clone(2, "t-2", host="h2")}
+
+    spawning = asyncio.create_task(spawn())
+    await asyncio.sleep(0)
+    kill = asyncio.create_task(life.kill_running(ticket))
+    await asyncio.sleep(0.05)
+    assert not kill.done()  # it waits for the clones
+    may_start.set()
+    killed = await kill
+    await spawning
+    assert [c.id for c in killed] == [1, 2]
+    assert all(c.state == CloneState.KILLED for c in ticket.clones.values())
+    assert ("t-1",) in stopped and len(stopped) == 2  # here, and the other host's
+    assert await asyncio.wait_for(life.kill_running(ticket), 1) == []  # nothing in flight
