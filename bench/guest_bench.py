@@ -94,14 +94,14 @@ def measure(memory: int, rounds: int) -> dict[str, Any]:
     calls: dict[str, list[float]] = json.loads(line.group(1))
     pauses = [sum(float(ms) for _, ms in STEP.findall(m.group(0).split(": ", 1)[1]))
               for m in PAUSE.finditer(log)]  # fmt: skip
-    return {"memory_mib": memory, "calls": calls, "pauses_ms": pauses}
+    return {"memory_mib": memory, "rounds": rounds, "calls": calls, "pauses_ms": pauses}
 
 
 def table(result: dict[str, Any]) -> Table:
     calls = {k: statistics.median(v) * 1000 for k, v in result["calls"].items()}
     read, empty = calls["xenstore read"], calls["python3 -c pass"]
     t = Table(title=f"the guest API, {result['memory_mib']} MiB guest, TCG: median ms "
-                    f"of {ROUNDS} (xenstore read: of 50)")  # fmt: skip
+                    f"of {result['rounds']} (xenstore read: of 50)")  # fmt: skip
     for col in ("call", "ms", "/ xenstore read", "minus python3 -c pass"):
         t.add_column(col, justify="right" if col != "call" else "left")
     for name, ms in calls.items():
