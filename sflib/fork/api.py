@@ -178,7 +178,7 @@ def _avoidance_lock() -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        log.info("another process holds the guest's free pages: no free-page report")
+        log.debug("another process holds the guest's free pages: no free-page report")
         return None
     return fd
 

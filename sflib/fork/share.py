@@ -10,15 +10,19 @@ reader never sees half a value.
 from __future__ import annotations
 
 import base64
+import errno
+import logging
 import re
 from collections.abc import Callable
 
 from pyxs import Client, PyXSError
 
-from sflib.errors import NotFoundError, UsageError
+from sflib.errors import NotFoundError, SystemFailure, UsageError
 from sflib.fork import layout
 from sflib.fork.api import identity
 from sflib.vm.guestbus import open_bus
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1536  # base64 makes 2048 of it
 KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -45,12 +49,32 @@ def put(key: str, data: bytes) -> str:
     # In a clone sfld says where: its parent's domain, or (another host's) its own.
     folder = str(me["share"]) if me else layout.share_dir(PARENT, 0)
     base = f"{folder}/{_check_key(key)}"
+    parts = chunks(data)
     with open_bus() as client:
-        parts = chunks(data)
-        for i, part in enumerate(parts):
-            client.write(f"{base}/{i}".encode(), part)
-        client.write(f"{base}/chunks".encode(), str(len(parts)).encode())
+        try:
+            for i, part in enumerate(parts):
+                client.write(f"{base}/{i}".encode(), part)
+            client.write(f"{base}/chunks".encode(), str(len(parts)).encode())
+        except PyXSError as e:
+            _drop(client, base)  # half a value only uses up the quota the rest needs
+            raise SystemFailure(f"cannot share {key} ({len(data)} bytes): {_why(e)}",
+                                hint="XenStore holds little; share a digest or a path "
+                                     "on shared storage instead") from None  # fmt: skip
     return base
+
+
+def _why(error: PyXSError) -> str:
+    code = error.args[0] if error.args else None
+    if code == errno.ENOSPC:
+        return "over the domain's XenStore quota"
+    return str(error.args[1] if len(error.args) > 1 else error)
+
+
+def _drop(client: Client, base: str) -> None:
+    try:
+        client.delete(base.encode())
+    except PyXSError as e:
+        log.warning("the half-shared %s stays: %s", base, e)
 
 
 def get(ticket: str, clone_id: int, key: str) -> bytes:

@@ -26,7 +26,6 @@ from sflib.xenstore.wire import Packet, PacketDecoder, ProtocolError
 
 log = logging.getLogger(__name__)
 
-SOCKET_PATH = Path("/run/xenstored/socket")
 READ_SIZE = 65536
 HOST_AWAY_RETRY = 0.05  # s between reads while nobody holds the port's host end
 CLIENT_BACKLOG = 4 << 20  # bytes queued for a client that does not read: it is dropped
@@ -63,6 +62,9 @@ class Agent:
         except OSError as e:
             self.close()
             raise SystemFailure(f"cannot listen on {self.socket_path}: {e.strerror}") from e
+        except BaseException:
+            self.close()  # the port too: the agent that serves needs it
+            raise
         log.info("serving XenStore at %s over %s", self.socket_path, self.port_path)
 
     def _open_port(self) -> None:

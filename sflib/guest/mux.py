@@ -90,8 +90,10 @@ class Mux:
         it is one. Raises XenStoreError."""
         if packet.tx_id and packet.tx_id not in self.clients[client].transactions:
             raise XenStoreError(errno.EINVAL, "not this client's transaction")
-        if packet.op in (Op.WATCH_EVENT, Op.RESET_WATCHES):
-            raise XenStoreError(errno.EINVAL, f"not a request for a transaction: {packet.op}")
+        if packet.op == Op.WATCH_EVENT:
+            raise XenStoreError(errno.EINVAL, "a client cannot send watch events")
+        if packet.op == Op.RESET_WATCHES:
+            raise XenStoreError(errno.EINVAL, "RESET_WATCHES is not for a transaction")
         if packet.op not in (Op.WATCH, Op.UNWATCH):
             return packet.payload, None
         path, token = _watch_args(packet.payload)
@@ -132,6 +134,8 @@ class Mux:
             return Out()
         if pending.op == Op.TRANSACTION_START:
             tx = _tx_id(reply.payload)
+            if not tx:
+                return Out()  # not an ID: nothing to track (or to end)
             if state is None:
                 return Out(host=[self._abort(tx)])
             state.transactions.add(tx)

@@ -1,4 +1,5 @@
-"""The guest's end of the XenStore channel: pyxs on the virtio-serial port.
+"""The guest's end of the XenStore channel: pyxs on sf-guestd's socket, which any
+number of processes share, or on the virtio-serial port itself (one at a time).
 
 pyxs treats a device path as Xen's /dev/xen/xenbus, whose kernel driver rewrites
 request IDs, and so refuses watches (Monitor) on it. Our port carries the plain
@@ -8,6 +9,7 @@ wire protocol, so it is given to pyxs as a packet connection of its own.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 
 from pyxs import Client, PyXSError
@@ -15,6 +17,8 @@ from pyxs.client import Router
 from pyxs.connection import PacketConnection
 
 from sflib.errors import UnreachableError
+
+log = logging.getLogger(__name__)
 
 XENBUS_PORT = "org.snowflock.xenbus"
 PORT_PATH = f"/dev/virtio-ports/{XENBUS_PORT}"
@@ -62,13 +66,17 @@ def open_bus(path: str | None = None) -> Client:
     path = path or os.environ.get("SF_XENBUS")
     agent = os.environ.get("XENSTORED_PATH", AGENT_SOCKET)
     if path is None and os.path.exists(agent):
-        client = Client(unix_socket_path=agent)
-        path = agent
-    else:
-        path = path or PORT_PATH
-        if not os.path.exists(path):
-            raise UnreachableError(f"no XenStore port at {path}", hint="is this a SnowFlock VM?")
-        client = Client(router=Router(PortConnection(path)))
+        try:
+            return _connected(Client(unix_socket_path=agent), agent)
+        except UnreachableError as e:  # a dead agent's socket: the port is free then
+            log.debug("%s; trying the port", e)
+    path = path or PORT_PATH
+    if not os.path.exists(path):
+        raise UnreachableError(f"no XenStore port at {path}", hint="is this a SnowFlock VM?")
+    return _connected(Client(router=Router(PortConnection(path))), path)
+
+
+def _connected(client: Client, path: str) -> Client:
     try:
         client.connect()
     except (OSError, PyXSError) as e:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from pyxs import Client
 
-from sflib.errors import SystemFailure
+from sflib.errors import SystemFailure, UnreachableError
 from sflib.guest.agent import Agent
+from sflib.vm import guestbus
 from sflib.xenstore.server import XenStoreServer
 from sflib.xenstore.tree import Quotas
 from sflib.xenstore.wire import Op, Packet, PacketDecoder
@@ -161,3 +162,15 @@ async def test_a_second_agent_is_refused_while_the_first_serves(
         await second.start()
     second.close()
     assert guest.socket.exists()
+
+
+def test_the_tools_fall_back_to_the_port_when_the_agents_socket_is_dead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    stale = tmp_path / "socket"
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, never listening: as if it died
+        dead.bind(str(stale))
+    monkeypatch.setenv("XENSTORED_PATH", str(stale))
+    monkeypatch.delenv("SF_XENBUS", raising=False)
+    monkeypatch.setattr(guestbus, "PORT_PATH", str(tmp_path / "no-port"))
+    with pytest.raises(UnreachableError, match=r"no XenStore port at .*no-port"):
+        guestbus.open_bus()

@@ -15,8 +15,10 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow]
 # 300 guest processes connect to the agent, place a watch and start a transaction,
 # and are SIGKILLed: 200 once their requests were answered (each says so through a
 # pipe), 100 at a random moment, before or during them. Then one client places 120
-# watches and starts 10 transactions, nearly all of the domain's quotas (128 and 10):
-# over them if the killed clients' watches and transactions were left.
+# watches and starts 9 transactions, nearly all of the domain's quotas (128 and 10):
+# far over them if the killed clients' watches and transactions were left. (The one
+# of each left is for the last client killed, whose end the agent may not have
+# handled yet when the new client's requests come: two sockets, no order.)
 KILLER = r"""
 import os,random,select,socket,struct,time
 P="/run/xenstored/socket"
@@ -41,9 +43,9 @@ for i in range(300):
  else:time.sleep(random.random()*.05);half+=not select.select([r],[],[],0)[0]
  os.kill(c,9);os.waitpid(c,0);os.close(w);os.close(r)
 s=socket.socket(socket.AF_UNIX);s.connect(P)
-q=[pk(4,j+1,b"data/n%d\0t\0"%j) for j in range(120)]+[pk(6,200+j,b"\0") for j in range(10)]
+q=[pk(4,j+1,b"data/n%d\0t\0"%j) for j in range(120)]+[pk(6,200+j,b"\0") for j in range(9)]
 s.sendall(b"".join(q))
-r=rd(s,130)
+r=rd(s,129)
 print("HALFWAY",half,"ERRORS",r.count(16),"OK",len(r)-r.count(16))
 """
 
@@ -85,6 +87,6 @@ def check_many(host: Host) -> None:
     killed = re.search(r"^HALFWAY (\d+) ERRORS (\d+) OK (\d+)", out, re.M)
     assert killed, out[-2000:]
     halfway, errors, ok = map(int, killed.groups())
-    assert (errors, ok) == (0, 130)  # nothing the killed clients held is still held
+    assert (errors, ok) == (0, 129)  # nothing the killed clients held is still held
     print(f"{halfway} of the 100 clients killed at random were killed halfway")
     assert re.search(r"^TICKET-AFTER \S+", out, re.M)

@@ -141,15 +141,6 @@ fi
 )
 
 
-QUOTA_BUG = (
-    "sflib bug: over quota, sf-share put dies with pyxs's ENOSPC as a traceback and "
-    "exits 1, not 111 (sflib.fork.share.put catches no PyXSError); and its half-stored "
-    "value keeps the clone's node quota full, so its sf-exit request cannot be written "
-    "either (ENOSPC again): the clone never ends and the parent's sf-join waits for ever"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=QUOTA_BUG)
 def test_share_over_quota_fails_with_111_and_the_family_carries_on(host: Host) -> None:
     info = boot(host, "quota", QUOTA)
     ticket = line(console(host, "quota", "TICKET"), "TICKET")
@@ -201,17 +192,8 @@ for t in $a $b $c; do [ -f /tmp/j$t ] && echo "JOIN $t $(tr '\\n' ' ' </tmp/j$t)
 echo SF-DONE
 """
 )
-AT_ONCE_BUG = (
-    "sflib bug: the guest's XenStore port (virtio-serial) takes one opener at a time "
-    "and every tool holds it for its whole request (sf-join until its clones end), so a "
-    "second tool meanwhile exits 5, 'cannot open the XenStore port: Device or resource "
-    "busy', not 4; sf-clone opens it 4 times and can exit 5 after it forked (_forget "
-    "catches PyXSError only). With avoidance, two sf-clone at once each take all but "
-    "10% of the free memory: the guest's OOM killer kills one (137)"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=AT_ONCE_BUG)
 def test_two_forks_at_once_one_refused_while_in_flight_and_tickets_joined_at_once(
     host: Host,
 ) -> None:
