@@ -138,6 +138,7 @@ def _free_pages(avoidance: bool) -> Iterator[dict[str, str]]:
     """{"freepages": KEY} naming the report of the pages held here, or {} when there is
     none; the pages are held until the block ends (in the parent and the clones)."""
     lock = _avoidance_lock() if avoidance else None
+    took = time.perf_counter()
     try:
         held = freepages.reserve() if lock is not None else None
     except OSError as e:
@@ -151,11 +152,18 @@ def _free_pages(avoidance: bool) -> Iterator[dict[str, str]]:
     assert lock is not None  # held only with it
     key = f"{layout.FREEPAGES}/{secrets.token_hex(4)}"
     try:
-        chunks = freepages.encode(freepages.runs(held.pfns))
+        encoding = time.perf_counter()
+        runs = freepages.runs(held.pfns)
+        chunks = freepages.encode(runs)
+        writing = time.perf_counter()
         with open_bus() as client:
             for i, chunk in enumerate(chunks):
                 client.write(f"{key}/{i}".encode(), chunk)
             client.write(f"{key}/chunks".encode(), str(len(chunks)).encode())
+        log.debug("free pages: %d taken in %.0f ms, %d runs in %d chunks encoded in %.0f ms, "
+                  "written in %.0f ms", len(held.pfns), (encoding - took) * 1000, len(runs),
+                  len(chunks), (writing - encoding) * 1000,
+                  (time.perf_counter() - writing) * 1000)  # fmt: skip
         yield {"freepages": key}
     finally:
         held.release()
