@@ -29,7 +29,7 @@ from pyxs import Client, PyXSError
 from sflib.errors import SnowFlockError
 from sflib.fork import freepages, layout
 from sflib.hooks.runner import run_hooks
-from sflib.vm.guestbus import open_bus
+from sflib.vm.guestbus import check_reachable, open_bus
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def clone(ticket: str, hooks_dir: str | None = None, avoidance: bool = True) -> 
 
     With avoidance, the guest's free pages are taken and reported first, so that
     clones never fetch them (sflib.fork.freepages)."""
+    check_reachable()  # before the free pages are taken
     with _free_pages(avoidance) as report:
         result = request("clone", ticket=ticket, **report)
     reseed(result.get("seed"))
@@ -87,6 +88,7 @@ def clone(ticket: str, hooks_dir: str | None = None, avoidance: bool = True) -> 
 
 def checkpoint_parent(hooks_dir: str | None = None, avoidance: bool = True) -> tuple[str, int]:
     """(checkpoint, 0) now; (checkpoint, ID) in each clone made from it later."""
+    check_reachable()  # before the free pages are taken
     with _free_pages(avoidance) as report:
         result = request("checkpoint", **report)
     reseed(result.get("seed"))

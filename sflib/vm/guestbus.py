@@ -59,6 +59,16 @@ class PortConnection(PacketConnection):  # type: ignore[misc]
         return _PortTransport(self.path)
 
 
+def check_reachable() -> None:
+    """Raises UnreachableError, as open_bus would, when there is neither the agent's
+    socket nor a port: before a call takes the guest's free memory (outside a VM it
+    would take the machine's)."""
+    port = os.environ.get("SF_XENBUS") or PORT_PATH
+    agent = os.environ.get("XENSTORED_PATH", AGENT_SOCKET)
+    if not os.path.exists(port) and ("SF_XENBUS" in os.environ or not os.path.exists(agent)):
+        raise UnreachableError(f"no XenStore port at {port}", hint="is this a SnowFlock VM?")
+
+
 def open_bus(path: str | None = None) -> Client:
     """A connected pyxs client, watches included: through sf-guestd(8)'s socket when
     it serves, else (or with $SF_XENBUS) on the port itself, which admits one
