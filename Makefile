@@ -14,7 +14,7 @@ VENV          ?= .venv
 PY            := $(VENV)/bin/python
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc binutils make pandoc bats shellcheck \
                    xenstore-utils valgrind qemu-system-x86 busybox-static zstd cpio \
-                   libfuse3-dev fuse3 pkg-config iproute2 procps iputils-ping nftables \
+                   libfuse3-dev fuse3 zlib1g-dev pkg-config iproute2 procps iputils-ping nftables \
                    dnsmasq-base iperf3 munge slurmctld slurmd slurm-client
 MAN_SOURCES   := $(wildcard man/*.md)
 MAN_PAGES     := $(patsubst man/%.md,build/man/%,$(MAN_SOURCES))
@@ -29,7 +29,7 @@ all: deps man completion c
 CFLAGS ?= -O2 -g
 CFLAGS += -Wall -Wextra -Werror -std=gnu11
 C_TARGETS := build/kvm-probe.bin build/libsnowflock.a build/libsnowflock.so build/sf-ctest \
-             build/sf-cxxtest build/sf-cdrive build/memserver build/memtap build/libnohugepage.so
+             build/sf-cxxtest build/sf-cdrive build/sf-tools build/memserver build/memtap build/libnohugepage.so
 
 c: $(C_TARGETS)
 
@@ -42,8 +42,9 @@ build/kvm-probe.bin: c/kvm-probe.S | deps-debian
 # The C API for guests (c/snowflock.h, snowflock(3)): it speaks sfld's protocol over
 # the guest agent's socket. Static and shared (position-independent either way, so
 # one set of objects serves both); only the sf_* calls are exported.
-LIBSF_SOURCES := c/snowflock.c c/sf-proto.c c/sf-json.c c/sf-xs.c c/sf-hooks.c
-LIBSF_HEADERS := c/snowflock.h c/sf-proto.h c/sf-json.h c/sf-xs.h c/sf-hooks.h
+LIBSF_SOURCES := c/snowflock.c c/sf-proto.c c/sf-json.c c/sf-xs.c c/sf-hooks.c c/sf-freepages.c
+LIBSF_HEADERS := c/snowflock.h c/sf-proto.h c/sf-json.h c/sf-xs.h c/sf-hooks.h c/sf-call.h \
+                 c/sf-freepages.h
 LIBSF_OBJECTS := $(patsubst c/%.c,build/libsf/%.o,$(LIBSF_SOURCES))
 
 build/libsf/%.o: c/%.c $(LIBSF_HEADERS) | deps-debian
@@ -55,14 +56,20 @@ build/libsnowflock.a: $(LIBSF_OBJECTS)
 	$(AR) rcs $@ $^
 
 build/libsnowflock.so.0: $(LIBSF_OBJECTS)
-	$(CC) $(CFLAGS) -shared -Wl,-soname,libsnowflock.so.0 -Wl,-z,defs -o $@ $^
+	$(CC) $(CFLAGS) -shared -Wl,-soname,libsnowflock.so.0 -Wl,-z,defs -o $@ $^ -lz
 
 build/libsnowflock.so: build/libsnowflock.so.0
 	ln -sf libsnowflock.so.0 $@
 
 # Static, so they run in any guest whatever its libraries (test_c_api.py puts them in one).
 build/sf-ctest: c/sf-ctest.c c/snowflock.h build/libsnowflock.a
-	$(CC) $(CFLAGS) -static -o $@ $< build/libsnowflock.a
+	$(CC) $(CFLAGS) -static -o $@ $< build/libsnowflock.a -lz
+
+# The guest tools in C (sf-ticket, sf-clone, ... as one executable: sf-tools.c), static so
+# that they run in any guest; the image links each tool's name to it.
+TOOLS_SOURCES := c/sf-tools.c c/sf-cli.c c/sf-share.c
+build/sf-tools: $(TOOLS_SOURCES) c/sf-cli.h c/sf-share.h $(LIBSF_HEADERS) build/libsnowflock.a
+	$(CC) $(CFLAGS) -static -o $@ $(TOOLS_SOURCES) build/libsnowflock.a -lz
 
 # A command-line driver of the calls, linked to the shared library (test_c_agent.py).
 build/sf-cdrive: c/sf-cdrive.c c/snowflock.h build/libsnowflock.so
@@ -71,7 +78,7 @@ build/sf-cdrive: c/sf-cdrive.c c/snowflock.h build/libsnowflock.so
 CXXFLAGS ?= -O2 -g
 CXXFLAGS += -Wall -Wextra -Werror -std=c++17
 build/sf-cxxtest: c/sf-cxxtest.cpp c/snowflock.hpp c/snowflock.h build/libsnowflock.a
-	$(CXX) $(CXXFLAGS) -static -o $@ $< build/libsnowflock.a
+	$(CXX) $(CXXFLAGS) -static -o $@ $< build/libsnowflock.a -lz
 
 # The memory server and memtap (DESIGN §2 step 4), speaking c/memproto.h.
 build/memserver: c/memserver.c c/memproto.h | deps-debian
@@ -88,7 +95,7 @@ build/libnohugepage.so: c/nohugepage.c | deps-debian
 	$(CC) $(CFLAGS) -shared -fPIC -o $@ $<
 
 build/sf-unittest: c/sf-unittest.c $(LIBSF_HEADERS) build/libsnowflock.a
-	$(CC) $(CFLAGS) -pthread -o $@ $< build/libsnowflock.a
+	$(CC) $(CFLAGS) -pthread -o $@ $< build/libsnowflock.a -lz
 
 # The C API's JSON, messages, hooks and XenStore client without a VM, under valgrind
 # (the calls against real servers: tests/integration/test_c_agent.py).

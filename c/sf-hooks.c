@@ -25,6 +25,7 @@
 
 #define SEED_MAX 256 /* bytes; sfld sends 32 */
 #define TAIL_MAX 1024 /* of a hook's stderr, for its failure's message */
+#define OUTPUT_MAX 16384 /* of each of a hook's stdout and stderr, logged line by line */
 
 /* Reseeding ---------------------------------------------------------------------- */
 
@@ -194,6 +195,9 @@ static void exec_hook(const char *path, char **env, int out, int err)
 struct hook_run {
     char tail[TAIL_MAX + 1]; /* the end of its stderr */
     size_t tail_len;
+    char output[2][OUTPUT_MAX]; /* the start of its stdout and stderr, when logged */
+    size_t output_len[2];
+    int logged;
     int timed_out;
     int status; /* waitpid's */
 };
@@ -206,8 +210,9 @@ static long long now_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Keeps the last TAIL_MAX bytes of what fd gives. Returns 0 at its end, 1 for
- * more, -1 on error. */
+/* Keeps the last TAIL_MAX bytes of what fd gives (its stderr: keep), and when
+ * its output is logged, the first OUTPUT_MAX of stream k (0 stdout, 1 stderr).
+ * Returns 0 at its end, 1 for more, -1 on error. */
 static int drain(int fd, struct hook_run *r, int keep)
 {
     char buf[4096];
@@ -217,6 +222,11 @@ static int drain(int fd, struct hook_run *r, int keep)
         return errno == EINTR || errno == EAGAIN ? 1 : -1;
     if (n == 0)
         return 0;
+    if (r->logged) {
+        size_t room = OUTPUT_MAX - r->output_len[keep], k = (size_t)n < room ? (size_t)n : room;
+        memcpy(r->output[keep] + r->output_len[keep], buf, k);
+        r->output_len[keep] += k;
+    }
     if (keep) {
         size_t k = (size_t)n > TAIL_MAX ? TAIL_MAX : (size_t)n;
         size_t drop = r->tail_len + k > TAIL_MAX ? r->tail_len + k - TAIL_MAX : 0;
@@ -348,13 +358,34 @@ static const char *describe(const char *path, struct hook_run *r, int timeout_ms
     return why;
 }
 
-/* Runs one hook to its end; NULL if it exited 0, else why not into why[size]. */
-static const char *run_hook(const char *path, char **env, int timeout_ms, char *why, size_t size)
+/* Logs each line of what the hook (named name) wrote, stdout first, as
+ * sflib.hooks.runner does: "NAME: line". */
+static void log_output(const struct hook_run *r, const char *name, sfh_log_fn log)
 {
-    struct hook_run r = {.status = 0};
+    char line[512];
+
+    for (int k = 0; k < 2; k++)
+        for (size_t at = 0; at < r->output_len[k];) {
+            const char *start = r->output[k] + at;
+            const char *nl = memchr(start, '\n', r->output_len[k] - at);
+            size_t len = nl ? (size_t)(nl - start) : r->output_len[k] - at;
+            snprintf(line, sizeof line, "%s: %.*s", name, (int)len, start);
+            log(0, line);
+            at += len + 1;
+        }
+}
+
+/* Runs one hook to its end; NULL if it exited 0, else why not into why[size]. Its
+ * output goes to log unless that is NULL. */
+static const char *run_hook(const char *path, char **env, int timeout_ms, char *why, size_t size,
+                            sfh_log_fn log)
+{
+    static __thread struct hook_run r; /* too big for small stacks; one hook a thread */
     int pipes[2][2];
     pid_t pid;
 
+    memset(&r, 0, sizeof r);
+    r.logged = log != NULL;
     if (spawn(path, env, pipes, &pid) < 0) {
         snprintf(why, size, "cannot run it: %m");
         return why;
@@ -367,6 +398,8 @@ static const char *run_hook(const char *path, char **env, int timeout_ms, char *
         snprintf(why, size, "cannot wait for it: %m");
         return why;
     }
+    if (log)
+        log_output(&r, strrchr(path, '/') + 1, log);
     return describe(path, &r, timeout_ms, why, size);
 }
 
@@ -393,9 +426,9 @@ static int runnable(const char *path)
 
 /* Runs the listed hooks of dir; how many failed. */
 static int run_listed(const char *dir, struct dirent **names, int count, char **env,
-                      int timeout_ms)
+                      int timeout_ms, sfh_log_fn log)
 {
-    char path[PATH_MAX], why[PATH_MAX + TAIL_MAX + 64];
+    char path[PATH_MAX], why[PATH_MAX + TAIL_MAX + 64], said[2 * PATH_MAX + TAIL_MAX + 96];
     int failed = 0;
 
     for (int k = 0; k < count; k++) {
@@ -403,10 +436,15 @@ static int run_listed(const char *dir, struct dirent **names, int count, char **
         if (snprintf(path, sizeof path, "%s/%s", dir, names[k]->d_name) >= (int)sizeof path ||
             !runnable(path))
             continue;
-        err = run_hook(path, env, timeout_ms, why, sizeof why);
-        if (err) {
+        err = run_hook(path, env, timeout_ms, why, sizeof why, log);
+        if (!err)
+            continue;
+        failed++;
+        if (log) {
+            snprintf(said, sizeof said, "hook %s failed: %s", path, err);
+            log(1, said);
+        } else {
             fprintf(stderr, "snowflock: hook %s failed: %s\n", path, err);
-            failed++;
         }
     }
     return failed;
@@ -414,6 +452,12 @@ static int run_listed(const char *dir, struct dirent **names, int count, char **
 
 int sfh_run_hooks(const char *hooks_dir, const char *event, const char *phase,
                   const struct sfj *identity, int timeout_ms)
+{
+    return sfh_run_hooks_logged(hooks_dir, event, phase, identity, timeout_ms, NULL);
+}
+
+int sfh_run_hooks_logged(const char *hooks_dir, const char *event, const char *phase,
+                         const struct sfj *identity, int timeout_ms, sfh_log_fn log)
 {
     const char *root = hooks_dir ? hooks_dir : getenv("SF_HOOKS_DIR");
     char dir[PATH_MAX];
@@ -432,7 +476,7 @@ int sfh_run_hooks(const char *hooks_dir, const char *event, const char *phase,
     }
     env = sfh_environment(environ, event, phase, identity);
     if (env)
-        failed = run_listed(dir, names, count, env, timeout_ms);
+        failed = run_listed(dir, names, count, env, timeout_ms, log);
     else
         fprintf(stderr, "snowflock: cannot run the hooks in %s: %m\n", dir);
     sfh_free_env(env);

@@ -34,4 +34,13 @@ SF_INTERNAL void sfh_free_env(char **env);
 SF_INTERNAL int sfh_run_hooks(const char *hooks_dir, const char *event, const char *phase,
                               const struct sfj *identity, int timeout_ms);
 
+/* Where a tool's hooks say what they did: each line of a hook's output ("NAME:
+ * line", warning 0) and each failure ("hook PATH failed: why", warning 1). */
+typedef void (*sfh_log_fn)(int warning, const char *message);
+
+/* sfh_run_hooks, saying it all through log (NULL: as sfh_run_hooks, which says only
+ * the failures, and not what the hooks wrote), as sflib.hooks.runner logs. */
+SF_INTERNAL int sfh_run_hooks_logged(const char *hooks_dir, const char *event, const char *phase,
+                                     const struct sfj *identity, int timeout_ms, sfh_log_fn log);
+
 #endif

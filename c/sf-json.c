@@ -424,7 +424,8 @@ void sfj_key(struct sfj_out *o, const char *key, int first)
     sfj_raw(o, ": ");
 }
 
-void sfj_value(struct sfj_out *o, const struct sfj *v)
+/* v at nesting depth, compact (indent 0) or with indent spaces a level. */
+static void value(struct sfj_out *o, const struct sfj *v, int indent, int depth)
 {
     static const char *const words[] = {"null", "false", "true"};
 
@@ -447,11 +448,31 @@ void sfj_value(struct sfj_out *o, const struct sfj *v)
     }
     sfj_raw(o, v->type == SFJ_ARRAY ? "[" : "{");
     for (size_t k = 0; k < v->n; k++) {
+        if (k)
+            sfj_raw(o, indent ? "," : ", ");
+        if (indent) {
+            sfj_raw(o, "\n");
+            for (int i = 0; i < indent * (depth + 1); i++)
+                sfj_raw(o, " ");
+        }
         if (v->type == SFJ_OBJECT)
-            sfj_key(o, v->kids[k].key, k == 0);
-        else if (k)
-            sfj_raw(o, ", ");
-        sfj_value(o, &v->kids[k]);
+            sfj_key(o, v->kids[k].key, 1);
+        value(o, &v->kids[k], indent, depth + 1);
+    }
+    if (indent && v->n) {
+        sfj_raw(o, "\n");
+        for (int i = 0; i < indent * depth; i++)
+            sfj_raw(o, " ");
     }
     sfj_raw(o, v->type == SFJ_ARRAY ? "]" : "}");
+}
+
+void sfj_value(struct sfj_out *o, const struct sfj *v)
+{
+    value(o, v, 0, 0);
+}
+
+void sfj_value_indented(struct sfj_out *o, const struct sfj *v, int indent)
+{
+    value(o, v, indent, 0);
 }

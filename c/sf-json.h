@@ -55,6 +55,9 @@ SF_INTERNAL void sfj_string(struct sfj_out *o, const char *s); /* quoted and esc
 SF_INTERNAL void sfj_int(struct sfj_out *o, long long v);
 /* Any parsed value, compact (", " and ": " between items, as Python's json). */
 SF_INTERNAL void sfj_value(struct sfj_out *o, const struct sfj *v);
+/* The same, a member or item a line, indented indent spaces a level (Python's
+ * json.dumps(v, indent=indent)). */
+SF_INTERNAL void sfj_value_indented(struct sfj_out *o, const struct sfj *v, int indent);
 /* "key": at the start of an object's member (comma first unless first). */
 SF_INTERNAL void sfj_key(struct sfj_out *o, const char *key, int first);
 

@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include "snowflock.h"
 
+#include "sf-freepages.h"
 #include "sf-hooks.h"
 #include "sf-json.h"
 #include "sf-proto.h"
@@ -141,6 +142,41 @@ static void test_json_writer(int *f)
     CHECK(f, round_trip(" {\"a\" : [1,2.5, null,{}],\"b\":\"\\u00e9\"} ", buf, sizeof buf) == 0);
     CHECK(f, strcmp(buf, "{\"a\": [1, 2.5, null, {}], \"b\": \"\xc3\xa9\"}") == 0);
     CHECK(f, round_trip("[true, false]", tiny, sizeof tiny) < 0);
+}
+
+static void test_json_indented(int *f)
+{
+    const char *text = "{\"a\": [1, {\"b\": null}], \"e\": {}, \"l\": [], \"s\": \"x\"}";
+    char buf[256];
+    struct sfj v;
+    struct sfj_out o;
+
+    CHECK(f, sfj_parse(text, strlen(text), &v) == 0);
+    sfj_out_init(&o, buf, sizeof buf);
+    sfj_value_indented(&o, &v, 2);
+    CHECK(f, !o.failed); /* as Python's json.dumps(v, indent=2) */
+    CHECK(f, strcmp(buf, "{\n  \"a\": [\n    1,\n    {\n      \"b\": null\n    }\n  ],\n"
+                         "  \"e\": {},\n  \"l\": [],\n  \"s\": \"x\"\n}") == 0);
+    sfj_free(&v);
+}
+
+/* The free-page report ------------------------------------------------------------- */
+
+static void test_free_page_report(int *f)
+{
+    uint64_t pfns[] = {9, 3, 4, 5, 12, 10, 3, 11, 1}, runs[18];
+    char out[16];
+
+    CHECK(f, sff_runs(pfns, 9, runs) == 3); /* sorted, merged, the duplicate dropped */
+    CHECK(f, runs[0] == 1 && runs[1] == 1 && runs[2] == 3 && runs[3] == 3);
+    CHECK(f, runs[4] == 9 && runs[5] == 4);
+    CHECK(f, sff_runs(pfns, 0, runs) == 0);
+    CHECK(f, sff_margin(512ull << 20) == (512ull << 20) / 1000 * 100);
+    CHECK(f, sff_margin(128ull << 20) == 24ull << 20); /* at least 24 MiB */
+    CHECK(f, sff_base64((const unsigned char *)"", 0, out) == 0 && !out[0]);
+    CHECK(f, sff_base64((const unsigned char *)"f", 1, out) == 4 && !strcmp(out, "Zg=="));
+    CHECK(f, sff_base64((const unsigned char *)"fo", 2, out) == 4 && !strcmp(out, "Zm8="));
+    CHECK(f, sff_base64((const unsigned char *)"foob\xff", 5, out) == 8 && !strcmp(out, "Zm9vYv8="));
 }
 
 /* Messages ------------------------------------------------------------------------ */
@@ -728,6 +764,8 @@ int main(void)
     test_json_reader(&failures);
     test_json_limits(&failures);
     test_json_writer(&failures);
+    test_json_indented(&failures);
+    test_free_page_report(&failures);
     test_requests(&failures);
     test_replies(&failures);
     test_results(&failures);

@@ -65,6 +65,16 @@ static int connect_unix(const char *path)
     return fd;
 }
 
+/* Missing, refused or busy (another opener holds the port): no way to sfld. */
+static int unreachable(int err)
+{
+    errno = err;
+    if (err == ENOENT || err == ECONNREFUSED || err == EBUSY || err == ENXIO || err == EACCES ||
+        err == ENOTDIR)
+        return -SF_EUNREACHABLE;
+    return -SF_ESYSTEM;
+}
+
 /* A socket is connected to (the agent, or a server in tests), anything else opened
  * as the port, a character device. Returns the fd or -1 (errno set). */
 static int open_path(const char *path)
@@ -81,27 +91,28 @@ static int open_path(const char *path)
 int sfx_open(struct sfx *x)
 {
     const char *port = getenv("SF_XENBUS"), *agent = getenv("XENSTORED_PATH");
-    const char *path;
 
     memset(x, 0, sizeof *x);
     x->fd = -1;
     x->next_id = 1;
     /* As sflib.vm.guestbus: $SF_XENBUS bypasses the agent; else the agent if its
-     * socket exists, else the port. */
+     * socket exists and answers (a dead agent's socket leaves the port free), else
+     * the port. */
     agent = agent && *agent ? agent : SFX_AGENT_SOCKET;
-    if (port && *port)
-        path = port;
-    else
-        path = access(agent, F_OK) == 0 ? agent : SFX_PORT;
-    x->direct = path != agent;
-    x->fd = open_path(path);
+    if (!(port && *port) && access(agent, F_OK) == 0) {
+        x->where = agent;
+        x->fd = open_path(agent);
+        if (x->fd >= 0)
+            return 0;
+        if (errno != ECONNREFUSED && errno != ENOENT)
+            return unreachable(errno);
+    }
+    x->where = port && *port ? port : SFX_PORT;
+    x->direct = 1; /* no agent between: our watch stays unless we remove it */
+    x->fd = open_path(x->where);
     if (x->fd >= 0)
         return 0;
-    /* Missing, refused or busy (another opener holds the port): no way to sfld. */
-    if (errno == ENOENT || errno == ECONNREFUSED || errno == EBUSY || errno == ENXIO ||
-        errno == EACCES || errno == ENOTDIR)
-        return -SF_EUNREACHABLE;
-    return -SF_ESYSTEM;
+    return unreachable(errno);
 }
 
 void sfx_close(struct sfx *x)
@@ -270,6 +281,11 @@ int sfx_write(struct sfx *x, const char *path, const char *value, size_t len)
     memcpy(msg, path, n);
     memcpy(msg + n, value, len);
     return sfx_request(x, SFX_WRITE, msg, n + len, ack, sizeof ack, NULL);
+}
+
+int sfx_list(struct sfx *x, const char *path, char *out, size_t cap, size_t *out_len)
+{
+    return sfx_request(x, SFX_DIRECTORY, path, strlen(path) + 1, out, cap, out_len);
 }
 
 int sfx_rm(struct sfx *x, const char *path)

@@ -17,7 +17,7 @@
 #define SFX_AGENT_SOCKET "/run/xenstored/socket"
 #define SFX_PORT "/dev/virtio-ports/org.snowflock.xenbus"
 
-enum { SFX_READ = 2, SFX_WATCH = 4, SFX_UNWATCH = 5, SFX_WRITE = 11, SFX_RM = 13,
+enum { SFX_DIRECTORY = 1, SFX_READ = 2, SFX_WATCH = 4, SFX_UNWATCH = 5, SFX_WRITE = 11, SFX_RM = 13,
        SFX_WATCH_EVENT = 15, SFX_ERROR = 16 };
 
 struct sfx {
@@ -27,10 +27,12 @@ struct sfx {
     char token[72];  /* the token of the one watch this connection places */
     char path[200];  /* its path, to unwatch */
     int direct;      /* on the port itself: no agent removes the watch for us */
+    const char *where; /* what sfx_open connected to, or tried last */
 };
 
 /* Connects (see snowflock.h's TRANSPORT): 0, or -SF_EUNREACHABLE when there is no
- * agent nor port or they refuse, -SF_ESYSTEM when a system call failed. */
+ * agent nor port or they refuse, -SF_ESYSTEM when a system call failed; errno is
+ * set then, and x->where names what was tried last. */
 SF_INTERNAL int sfx_open(struct sfx *x);
 /* Closes x, first removing its watch when it is on the port (best effort: a
  * watch left there only counts against the domain's quota). */
@@ -46,6 +48,9 @@ SF_INTERNAL int sfx_request(struct sfx *x, uint32_t op, const void *payload, siz
 /* The common requests. sfx_read of a missing key gives "" (length 0). */
 SF_INTERNAL int sfx_read(struct sfx *x, const char *path, char *out, size_t cap, size_t *out_len);
 SF_INTERNAL int sfx_write(struct sfx *x, const char *path, const char *value, size_t len);
+/* The names under path, each NUL-terminated, into out[cap] (length in *out_len);
+ * -SF_ESYSTEM with errno ENOENT when path does not exist. */
+SF_INTERNAL int sfx_list(struct sfx *x, const char *path, char *out, size_t cap, size_t *out_len);
 SF_INTERNAL int sfx_rm(struct sfx *x, const char *path);
 SF_INTERNAL int sfx_watch(struct sfx *x, const char *path, const char *token);
 

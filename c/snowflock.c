@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #include "snowflock.h"
 
+#include "sf-call.h"
 #include "sf-hooks.h"
 #include "sf-json.h"
 #include "sf-proto.h"
@@ -76,36 +77,71 @@ static int exchange(struct sfx *x, const char *rid, const char *msg, size_t n, c
     return rc;
 }
 
-/* Sends op with args to sfld and waits for its reply: 0 and the result into
- * *result (to free), or a negative error: sfld's, said on stderr with its message,
- * or -SF_ESYSTEM with errno. fn names the call. */
-static int request(const char *fn, const char *op, const struct sfp_arg *args, size_t nargs,
-                   struct sfj *result)
+/* Says in why what rc, from sfx_open, means. */
+static int open_failed(const struct sfx *x, int rc, char *why, size_t size)
 {
-    char rid[SFP_RID_MAX + 1], msg[SFX_PAYLOAD_MAX], reply[SFX_PAYLOAD_MAX + 1], why[1024];
+    if (rc == -SF_EUNREACHABLE && errno == ENOENT)
+        snprintf(why, size, "no XenStore port at %s (is this a SnowFlock VM?)", x->where);
+    else
+        snprintf(why, size, "cannot open the XenStore connection %s: %s", x->where,
+                 strerror(errno));
+    return rc;
+}
+
+int sfc_reachable(char *why, size_t size)
+{
+    struct sfx x;
+    int rc = sfx_open(&x);
+
+    if (rc < 0)
+        return open_failed(&x, rc, why, size);
+    sfx_close(&x);
+    return 0;
+}
+
+int sfc_request(const char *op, const struct sfp_arg *args, size_t nargs, struct sfj *result,
+                char *why, size_t size)
+{
+    char rid[SFP_RID_MAX + 1], msg[SFX_PAYLOAD_MAX], reply[SFX_PAYLOAD_MAX + 1];
     int n = sfp_request(msg, sizeof msg, op, args, nargs), rc, err;
     struct sfx x;
     size_t len = 0;
 
     memset(result, 0, sizeof *result);
-    if (n < 0)
-        return -SF_EUSAGE; /* arguments longer than a XenStore value */
+    why[0] = '\0';
+    if (n < 0) {
+        snprintf(why, size, "the arguments of %s do not fit a XenStore value", op);
+        return -SF_EUSAGE;
+    }
     new_rid(rid);
     rc = sfx_open(&x);
-    if (rc == -SF_EUNREACHABLE)
-        fprintf(stderr, "snowflock: %s: error: no XenStore agent nor port (is this a SnowFlock "
-                        "VM?)\n", fn);
     if (rc < 0)
-        return rc; /* else errno says which system call failed */
+        return open_failed(&x, rc, why, size);
     rc = exchange(&x, rid, msg, (size_t)n, reply, sizeof reply, &len);
     err = errno;
     sfx_close(&x);
     errno = err;
-    if (rc < 0)
+    if (rc < 0) {
+        snprintf(why, size, "XenStore at %s: %s", x.where, strerror(err));
         return rc;
-    rc = sfp_reply(reply, len, result, why, sizeof why);
+    }
+    rc = sfp_reply(reply, len, result, why, size);
+    if (rc < 0 && !why[0])
+        snprintf(why, size, "%s", strerror(errno)); /* no reply sfld would send */
+    return rc;
+}
+
+/* sfc_request for the calls: sfld's message, or what failed, said on stderr
+ * ("snowflock: fn: error: ..."). fn names the call. */
+static int request(const char *fn, const char *op, const struct sfp_arg *args, size_t nargs,
+                   struct sfj *result)
+{
+    char why[SFC_WHY_MAX];
+    int rc = sfc_request(op, args, nargs, result, why, sizeof why), err = errno;
+
     if (rc < 0 && why[0])
-        fprintf(stderr, "snowflock: %s: error: %s\n", fn, why); /* sfld's words */
+        fprintf(stderr, "snowflock: %s: error: %s\n", fn, why);
+    errno = err;
     return rc;
 }
 
@@ -138,8 +174,7 @@ static void read_identity(struct sfj *out)
     out->type = SFJ_OBJECT;
 }
 
-/* What every member of a family does after a fork, before the call returns. */
-static void after_fork(const char *seed, int id)
+void sfc_after_fork(const char *seed, int id, const char *hooks_dir, sfh_log_fn log)
 {
     struct sfj identity;
 
@@ -147,7 +182,7 @@ static void after_fork(const char *seed, int id)
     if (id <= 0)
         return;
     read_identity(&identity);
-    (void)sfh_run_hooks(NULL, "clone", "post", &identity, SFH_TIMEOUT_MS); /* said on stderr */
+    (void)sfh_run_hooks_logged(hooks_dir, "clone", "post", &identity, SFH_TIMEOUT_MS, log);
     sfj_free(&identity);
 }
 
@@ -182,7 +217,7 @@ int sf_clone(const sf_ticket_t *t)
     if (rc == 0)
         rc = sfp_fork(&result, &seed, NULL);
     if (rc >= 0)
-        after_fork(seed, rc);
+        sfc_after_fork(seed, rc, NULL, NULL);
     sfj_free(&result);
     return rc;
 }
@@ -201,7 +236,7 @@ int sf_checkpoint_parent(char *checkpoint, size_t len)
         rc = sfp_fork(&result, &seed, &name);
     if (rc >= 0) {
         memcpy(checkpoint, name, strlen(name) + 1);
-        after_fork(seed, rc);
+        sfc_after_fork(seed, rc, NULL, NULL);
     }
     sfj_free(&result);
     return rc;
@@ -239,9 +274,7 @@ void sf_exit(int status)
     if (rc == 0)
         for (;;)
             pause(); /* until sfld stops this clone, as sflib.fork.api.exit */
-    if (rc == -SF_ESYSTEM && errno)
-        fprintf(stderr, "snowflock: sf_exit: %s: %m\n", sf_strerror(rc));
-    exit(-rc);
+    exit(-rc); /* request() said why */
 }
 
 int sf_join(const sf_ticket_t *t, sf_clone_status_t *out, int max)

@@ -44,7 +44,9 @@
  * OperationTimeout -SF_ETIMEOUT, SystemFailure -SF_ESYSTEM, others -SF_EFAILED), and
  * sfld's message is written on stderr ("snowflock: sf_join: error: MESSAGE (HINT)").
  * -SF_ESYSTEM with errno set when a system call of the library failed, or EPROTO when
- * the reply is not what sfld sends.
+ * the reply is not what sfld sends; that too is said on stderr, as is where no
+ * XenStore was found ("... error: no XenStore port at PATH (is this a SnowFlock
+ * VM?)").
  */
 #ifndef SNOWFLOCK_H
 #define SNOWFLOCK_H

@@ -59,15 +59,16 @@ class AuthError(SnowFlockError):
 
 
 class CommandFailed(SystemFailure):
-    """A subprocess exited non-zero; carries its argv, status and stderr."""
+    """A subprocess exited non-zero; carries its argv, status, stderr and stdout."""
 
-    def __init__(self, argv: list[str], returncode: int, stderr: str) -> None:
+    def __init__(self, argv: list[str], returncode: int, stderr: str, stdout: str = "") -> None:
         what = f"signal {-returncode}" if returncode < 0 else f"status {returncode}"
         last = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
         super().__init__(f"{argv[0]} failed with {what}: {last}")
         self.argv = argv
         self.returncode = returncode
         self.stderr = stderr
+        self.stdout = stdout
 
 
 _BY_NAME: dict[str, type[SnowFlockError]] = {

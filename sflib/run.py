@@ -85,7 +85,7 @@ def run(
         proc.wait()
         raise
     if check and proc.returncode != 0:
-        raise CommandFailed(cmd, proc.returncode, err)
+        raise CommandFailed(cmd, proc.returncode, err, out or "")
     return Completed(cmd, proc.returncode, out, err)
 
 
@@ -128,7 +128,9 @@ async def run_async(
         raise OperationTimeout(f"{cmd[0]} did not finish within {timeout:g} s") from None
     returncode = proc.returncode if proc.returncode is not None else -1
     if check and returncode != 0:
-        raise CommandFailed(cmd, returncode, err.decode(errors="replace"))
+        raise CommandFailed(
+            cmd, returncode, err.decode(errors="replace"), out.decode(errors="replace")
+        )
     return Completed(cmd, returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 

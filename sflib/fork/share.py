@@ -29,8 +29,9 @@ KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def chunks(data: bytes) -> list[bytes]:
-    """data as base64 chunks of at most 2048 bytes (pure)."""
-    return [base64.b64encode(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)] or [b""]
+    """data as base64 chunks of at most 2048 bytes (pure); none for no data (XenStore
+    takes an empty value, pyxs does not)."""
+    return [base64.b64encode(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)]
 
 
 def _check_key(key: str) -> str:

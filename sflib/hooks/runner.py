@@ -61,7 +61,7 @@ def run_hooks(
             _log_output(script, done.stdout + done.stderr)
         except (CommandFailed, OperationTimeout) as e:
             if isinstance(e, CommandFailed):
-                _log_output(script, e.stderr)
+                _log_output(script, e.stdout + e.stderr)
             if phase == "pre":
                 raise HookFailed(f"hook {script} failed: {e}") from e
             log.warning("hook %s failed: %s", script, e)

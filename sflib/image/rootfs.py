@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sflib.cli import PROGRAMS
+from sflib.cli import GUEST_TOOLS, PROGRAMS
 from sflib.errors import NotFoundError, UsageError
 from sflib.image import modules as kmod
 from sflib.run import run
@@ -31,6 +31,8 @@ GUEST_LIB_DIR = "usr/lib/x86_64-linux-gnu"  # libsnowflock, snowflock(3)
 GUEST_INCLUDE_DIR = "usr/include"
 C_LIBRARIES = ("libsnowflock.so.0", "libsnowflock.a")  # built by `make c` into build/
 C_HEADERS = ("snowflock.h", "snowflock.hpp")  # in c/
+C_TOOLS = "sf-tools"  # the guest tools in C, built by `make c` into build/
+GUEST_C_TOOLS = "usr/lib/snowflock/sf-tools"  # each of GUEST_TOOLS in /usr/bin links here
 
 # Never used in a guest: documentation, translations, and the parts of the stdlib
 # for a desktop or for developing CPython itself.
@@ -123,13 +125,15 @@ def add_sflib(root: Path, source: Path, python_api: Path) -> None:
 
 
 def c_api_files(build: Path, sources: Path) -> list[Path]:
-    """What add_c_api ships: the built libraries, then the public headers."""
-    return [build / name for name in C_LIBRARIES] + [sources / name for name in C_HEADERS]
+    """What add_c_api ships: the built libraries and tools, then the public headers."""
+    built = [build / name for name in (*C_LIBRARIES, C_TOOLS)]
+    return built + [sources / name for name in C_HEADERS]
 
 
 def add_c_api(root: Path, build: Path, sources: Path) -> None:
     """Ship libsnowflock (.so.0 with its libsnowflock.so link, and .a) and snowflock.h and
-    snowflock.hpp, so guest programs build and run against them (snowflock(3)).
+    snowflock.hpp, so guest programs build and run against them (snowflock(3)); and the
+    guest tools in C, in place of add_sflib's links to their Python forms.
 
     Raises NotFoundError when the libraries are not built.
     """
@@ -145,6 +149,13 @@ def add_c_api(root: Path, build: Path, sources: Path) -> None:
     (lib_dir / "libsnowflock.so").symlink_to("libsnowflock.so.0")
     for name in C_HEADERS:
         shutil.copyfile(sources / name, include_dir / name)
+    tools = root / GUEST_C_TOOLS
+    tools.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(build / C_TOOLS, tools)
+    for program in GUEST_TOOLS:
+        link = root / "usr/bin" / program
+        link.unlink(missing_ok=True)
+        link.symlink_to(f"/{GUEST_C_TOOLS}")
 
 
 def add_hooks(root: Path, hooks: Path) -> None:
