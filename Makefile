@@ -154,8 +154,14 @@ lint: deps-python
 test-unit: deps-python
 	$(PY) -m pytest -m 'not vm' -q
 
-test-bats: deps man
+# The guest tools' bats tests run twice: the Python tools, then the C ones the image ships.
+GUEST_TOOLS := $(shell $(PYTHON_SYSTEM) -c 'import sys; sys.path[:0] = ["."]; \
+                 from sflib.cli import GUEST_TOOLS; print(*GUEST_TOOLS)' 2>/dev/null)
+test-bats: deps man build/sf-tools
 	PATH=$(CURDIR)/bin:$$PATH bats tests/bats
+	rm -rf build/guest-bin && mkdir -p build/guest-bin
+	for tool in $(GUEST_TOOLS); do ln -s ../sf-tools build/guest-bin/$$tool; done
+	PATH=$(CURDIR)/build/guest-bin:$(CURDIR)/bin:$$PATH bats tests/bats/guest-tools.bats
 
 test-vm: deps c
 	$(PY) -m pytest -m vm -q

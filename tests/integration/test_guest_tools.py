@@ -23,11 +23,11 @@ import click
 import pytest
 import typer
 
+from sflib.cli import GUEST_TOOLS
 from sflib.fork import layout
 from tests.integration.conftest import ROOT
 from tests.integration.fake_sfld import CLONE_ID, CODES, HOME, Guest, fake_guest
 
-TOOLS = ("sf-ticket", "sf-clone", "sf-checkpoint", "sf-join", "sf-kill", "sf-exit", "sf-share")
 TICKET = r"^t\d+-[0-9a-f]{6}$"
 
 
@@ -37,7 +37,7 @@ def c_tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          text=True, timeout=300, check=False)  # fmt: skip
     assert out.returncode == 0, f"make failed:\n{out.stdout}{out.stderr}"
     folder = tmp_path_factory.mktemp("c-tools")
-    for tool in TOOLS:
+    for tool in GUEST_TOOLS:
         (folder / tool).symlink_to(ROOT / "build/sf-tools")
     return folder
 
@@ -293,7 +293,7 @@ def _help_spec(text: str) -> tuple[set[str], list[str], set[str | None]]:
 
 
 def test_each_c_tool_takes_the_click_commands_options(c_tools: Path) -> None:
-    for tool in TOOLS:
+    for tool in GUEST_TOOLS:
         module = importlib.import_module(f"sflib.cli.{tool.removeprefix('sf-')}")
         command = typer.main.get_command(module.app)
         commands = command.commands if isinstance(command, click.Group) else {}
