@@ -140,15 +140,36 @@ static int lock(struct sff_held *h, char *why, size_t size)
     return 1;
 }
 
+/* Maps and takes the pages: huge ones where the guest's THP setting lets a region
+ * ask for them (one fault each, not 512: under TCG a fault costs some 10 us), and
+ * mlock() faults in what it locks. Where the kernel zeroes pages when they are
+ * freed (init_on_free=1, as SnowFlock's VMs boot), taking them writes nothing: no
+ * page of guest RAM the host has not backed gets backed now. */
+static int populate(struct sff_held *h, char *why, size_t size)
+{
+    h->region = mmap(NULL, h->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (h->region == MAP_FAILED) {
+        h->region = NULL;
+        return failed(why, size, "cannot map the free memory");
+    }
+    if (madvise(h->region, h->size, MADV_HUGEPAGE) < 0 && errno != EINVAL)
+        return failed(why, size, "madvise(MADV_HUGEPAGE)"); /* EINVAL: no THP here */
+    if (mlock(h->region, h->size) < 0)
+        return failed(why, size, "cannot lock the free pages taken");
+    return 0;
+}
+
 /* Keeps the kernel from moving the pages to other frames while they are held
- * (freepages._pin: khugepaged, and compaction of unevictable pages). */
+ * (freepages._pin): khugepaged, which copies small pages into a new huge page, is
+ * kept off by MADV_NOHUGEPAGE (the huge pages taken stay); compaction, by the lock
+ * and vm.compact_unevictable_allowed=0. */
 static int pin(struct sff_held *h, char *why, size_t size)
 {
     char value[8] = "";
     int fd;
 
     if (madvise(h->region, h->size, MADV_NOHUGEPAGE) < 0)
-        return failed(why, size, "madvise");
+        return failed(why, size, "madvise(MADV_NOHUGEPAGE)");
     fd = open(UNEVICTABLE_COMPACTION, O_RDWR | O_CLOEXEC);
     if (fd >= 0) {
         ssize_t n = read(fd, value, sizeof value - 1);
@@ -158,8 +179,6 @@ static int pin(struct sff_held *h, char *why, size_t size)
         }
         (void)close(fd);
     }
-    if (mlock(h->region, h->size) < 0)
-        return failed(why, size, "cannot lock the free pages taken");
     return 0;
 }
 
@@ -271,13 +290,7 @@ int sff_take(struct sff_held *h, char *why, size_t size)
         return -1;
     if (h->size == 0)
         return 0; /* little free memory: nothing worth reporting */
-    h->region = mmap(NULL, h->size, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-    if (h->region == MAP_FAILED) {
-        h->region = NULL;
-        return failed(why, size, "cannot map the free memory");
-    }
-    if (pin(h, why, size) < 0 || frames(h, why, size) < 0)
+    if (populate(h, why, size) < 0 || pin(h, why, size) < 0 || frames(h, why, size) < 0)
         return -1;
     h->took_ms = now_ms() - start;
     start = now_ms();

@@ -58,15 +58,28 @@ class VMFiles:
     owns_memory: bool = True  # False: a checkpoint's frozen file, shared with others
 
 
+# init_on_free=1: the guest kernel zeroes pages as they are freed, not as they are
+# allocated (Debian's kernel zeroes every allocation: INIT_ON_ALLOC_DEFAULT_ON), so
+# the free pages sf-clone takes for the avoidance heuristic (sflib.fork.freepages)
+# are zero already and taking them writes nothing: no fault on the host for pages
+# that are holes in a forked parent's image. The price: the guest zeroes its RAM
+# once as it boots, so the host backs all of a running VM's RAM (the images of its
+# forks stay sparse: zero pages are punched out of them).
+GUEST_KERNEL_ARGS = ("console=ttyS0", "panic=-1", "init_on_free=1")
+# Under TCG, QEMU runs a rep stosb or rep movsb one byte an iteration; without ERMS
+# the guest kernel clears and copies pages 8 bytes at a time (3x faster, measured).
+TCG_CPU = "max,-erms"
+
+
 def kernel_cmdline(spec: VMSpec) -> str:
     # The same for a VM and its clones: restoring needs the same machine.
-    return " ".join(filter(None, ["console=ttyS0", "panic=-1", spec.append]))
+    return " ".join(filter(None, [*GUEST_KERNEL_ARGS, spec.append]))
 
 
 def machine_args(spec: VMSpec, files: VMFiles) -> list[str]:
     size = f"{spec.memory_mib}M"
     share = "on" if spec.share_memory else "off"
-    cpu = "host" if spec.accel == Accel.KVM else "max"
+    cpu = "host" if spec.accel == Accel.KVM else TCG_CPU
     return [
         "-name", f"{spec.name},debug-threads=on",
         # No configuration section and no description in the device state: it is
