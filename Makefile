@@ -6,6 +6,7 @@
 #   make bench   benchmarks that print tables
 #   make cluster a cluster of network-namespace hosts on this machine, until ^C
 #   make image   the guest image in build/image (rebuilt only when its inputs changed)
+#   make image-jvm  the same with a JVM and the Java API, in build/image-jvm
 #
 # Parts of the suite: make test-unit, make test-bats, make test-vm, make lint.
 
@@ -15,15 +16,16 @@ PY            := $(VENV)/bin/python
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc binutils make pandoc bats shellcheck \
                    xenstore-utils valgrind qemu-system-x86 busybox-static zstd cpio \
                    libfuse3-dev fuse3 zlib1g-dev pkg-config iproute2 procps iputils-ping nftables \
-                   dnsmasq-base iperf3 munge slurmctld slurmd slurm-client
+                   dnsmasq-base iperf3 munge slurmctld slurmd slurm-client \
+                   openjdk-17-jdk-headless
 MAN_SOURCES   := $(wildcard man/*.md)
 MAN_PAGES     := $(patsubst man/%.md,build/man/%,$(MAN_SOURCES))
 EXECUTABLES   := $(notdir $(wildcard bin/*))
 
-.PHONY: all c deps deps-debian deps-python man completion image demo test test-all test-unit \
-        test-bats test-vm lint bench clean cluster
+.PHONY: all c java deps deps-debian deps-python man completion image image-jvm demo test \
+        test-all test-unit test-bats test-vm lint bench clean cluster
 
-all: deps man completion c
+all: deps man completion c java
 
 # C and assembly in c/, built warning-free into build/.
 CFLAGS ?= -O2 -g
@@ -79,6 +81,26 @@ CXXFLAGS ?= -O2 -g
 CXXFLAGS += -Wall -Wextra -Werror -std=c++17
 build/sf-cxxtest: c/sf-cxxtest.cpp c/snowflock.hpp c/snowflock.h build/libsnowflock.a
 	$(CXX) $(CXXFLAGS) -static -o $@ $< build/libsnowflock.a -lz
+
+# The Java API (java/src, snowflock.3java): pure Java over the agent's socket, no JNA.
+# build/snowflock.jar is the library; build/snowflock-test.jar the programs the tests
+# run with it (test_java_agent.py on this machine's JVM, test_java_api.py in a guest).
+JAVA_SOURCES      := $(wildcard java/src/org/snowflock/*.java)
+JAVA_TEST_SOURCES := $(wildcard java/test/org/snowflock/test/*.java)
+JAVACFLAGS        ?= --release 17 -Xlint:all -Werror -encoding UTF-8
+JAR_DATE          := 2026-01-01T00:00:00Z
+
+java: build/snowflock.jar build/snowflock-test.jar
+
+build/snowflock.jar: $(JAVA_SOURCES) | deps-debian
+	rm -rf build/java/classes && mkdir -p build/java/classes
+	javac $(JAVACFLAGS) -d build/java/classes $(JAVA_SOURCES)
+	jar --create --date=$(JAR_DATE) --file $@ -C build/java/classes .
+
+build/snowflock-test.jar: $(JAVA_TEST_SOURCES) build/snowflock.jar
+	rm -rf build/java/test-classes && mkdir -p build/java/test-classes
+	javac $(JAVACFLAGS) -cp build/snowflock.jar -d build/java/test-classes $(JAVA_TEST_SOURCES)
+	jar --create --date=$(JAR_DATE) --file $@ -C build/java/test-classes .
 
 # The memory server and memtap (DESIGN §2 step 4), speaking c/memproto.h.
 build/memserver: c/memserver.c c/memproto.h | deps-debian
@@ -137,6 +159,9 @@ completion: deps-python
 image: deps build/libsnowflock.so build/libsnowflock.a
 	bin/sf-image build
 
+image-jvm: deps build/libsnowflock.so build/libsnowflock.a build/snowflock.jar
+	bin/sf-image build --jvm
+
 # Every target a newcomer runs on a fresh clone builds what it uses: sfld needs the KVM
 # probe (c), clones the memory server, memtap and libnohugepage.so (c), and VMs an image
 # (the demo and the VM tests build their own).
@@ -163,13 +188,13 @@ test-bats: deps man build/sf-tools
 	for tool in $(GUEST_TOOLS); do ln -s ../sf-tools build/guest-bin/$$tool; done
 	PATH=$(CURDIR)/build/guest-bin:$(CURDIR)/bin:$$PATH bats tests/bats/guest-tools.bats
 
-test-vm: deps c
+test-vm: deps c java
 	$(PY) -m pytest -m vm -q
 
-test-all: deps c
+test-all: deps c java
 	$(PY) -m pytest -q
 
-test: deps man c lint test-c test-bats test-all
+test: deps man c java lint test-c test-bats test-all
 
 # A cluster of network-namespace hosts on this machine, until ^C (sf-testcluster(8)).
 cluster: deps man c image
