@@ -74,9 +74,18 @@ def build_command(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="Output directory [default: build/image/ in the project]."
+            "--out",
+            "-o",
+            help="Output directory [default: build/image/ in the project, build/image-jvm/ "
+            "with --jvm].",
         ),
     ] = None,
+    jvm: Annotated[
+        bool,
+        typer.Option(
+            "--jvm", help="Add a Java runtime (java.base, jlink'd) and the Java API's jar."
+        ),
+    ] = False,
     include: Annotated[
         list[str] | None,
         typer.Option(
@@ -106,12 +115,13 @@ def build_command(
     if method not in COMPRESSIONS:
         raise UsageError(f"--compression: {method!r} is not one of {', '.join(COMPRESSIONS)}")
     opts = image.Options(
-        out=(out or image.default_out()).absolute(),
+        out=(out or image.default_out(jvm)).absolute(),
         cache=(cache or image.default_cache()).absolute(),
         hooks=(hooks or image.default_hooks()).absolute(),
         compression=method,
         include=tuple(include or ()),
         force=force,
+        jvm=jvm,
     )
     with reporter(quiet) as progress:
         result = image.build(opts, progress)

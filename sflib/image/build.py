@@ -4,7 +4,8 @@ A build whose inputs digest matches the one stored in the output directory's
 manifest does nothing. The inputs: every package's version, the include list, our
 Python dependencies' versions, the sflib sources (this code and the guest init
 among them), hooks.d, libsnowflock as `make c` built it with its headers, and the
-compression.
+compression; with a JVM (Options.jvm), also the JDK's release file, jlink's options
+and the Java API's jar as `make java` built it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 
 import sflib
 from sflib.errors import NotFoundError, SystemFailure
-from sflib.image import packages, pydists, rootfs
+from sflib.image import jvm, packages, pydists, rootfs
 from sflib.image.initramfs import CpioWriter, compress, count_entries
 from sflib.image.modules import GUEST_MODULES
 from sflib.image.packages import Package
@@ -39,10 +40,12 @@ MANIFEST_FILE = "manifest.json"
 SFLIB_DIR = Path(sflib.__file__).resolve().parent
 PYTHON_API_DIR = SFLIB_DIR.parent / "snowflock"  # import snowflock (snowflock.3py)
 C_SOURCES = PROJECT_ROOT / "c"  # snowflock.h, snowflock.hpp (rootfs.add_c_api)
+JAVA_JAR = BUILD_DIR / "snowflock.jar"  # the Java API (jvm.add_jvm)
 
 
-def default_out() -> Path:
-    return BUILD_DIR / "image"
+def default_out(with_jvm: bool = False) -> Path:
+    """build/image, or build/image-jvm for an image with a JVM: each keeps its digest."""
+    return BUILD_DIR / ("image-jvm" if with_jvm else "image")
 
 
 def default_cache() -> Path:
@@ -77,6 +80,7 @@ class Options:
     compression: str
     include: tuple[str, ...] = ()
     force: bool = False
+    jvm: bool = False  # a Java runtime and the Java API (sflib.image.jvm)
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,10 @@ def input_digest(opts: Options, pkgs: list[Package], dist_versions: list[str]) -
     tree_digest(h, opts.hooks)
     for path in rootfs.c_api_files(BUILD_DIR, C_SOURCES):  # a missing one fails _assemble
         h.update(f"\0{path.name}\0".encode() + (path.read_bytes() if path.is_file() else b""))
+    if opts.jvm:
+        h.update(b"\0jvm\0" + " ".join(jvm.JLINK_OPTIONS).encode() + b"\0")
+        h.update(jvm.jdk_release(jvm.find_jlink()))
+        h.update(b"\0jar\0" + (JAVA_JAR.read_bytes() if JAVA_JAR.is_file() else b""))
     return h.hexdigest()
 
 
@@ -141,7 +149,8 @@ def make_plan(opts: Options) -> Plan:
     if not opts.hooks.is_dir():
         raise NotFoundError(f"{opts.hooks}: no such hooks directory")
     kernel_name = packages.kernel_package()
-    names = packages.resolve([*packages.BASE_PACKAGES, *opts.include])
+    extra = jvm.PACKAGES if opts.jvm else ()
+    names = packages.resolve([*packages.BASE_PACKAGES, *extra, *opts.include])
     found = packages.candidates([kernel_name, *names])
     kernel = next(p for p in found if p.name == kernel_name)
     pkgs = [p for p in found if p.name != kernel_name]
@@ -227,6 +236,10 @@ def _assemble(
         pydists.copy_distribution(dist, root / rootfs.DIST_PACKAGES)
     rootfs.add_hooks(root, opts.hooks)
     rootfs.add_c_api(root, BUILD_DIR, C_SOURCES)
+    if opts.jvm:
+        report.stage("linking a Java runtime")
+        size = jvm.add_jvm(root, jvm.find_jlink(), JAVA_JAR)
+        log.info("Java runtime: %.1f MiB in /%s", size / 2**20, jvm.GUEST_HOME)
     modules = rootfs.add_modules(root, kernel_tree, version, GUEST_MODULES)
     rootfs.make_ld_cache(root)
     report.stage("precompiling Python modules")
@@ -267,6 +280,7 @@ def _manifest(
         "kernel_version": version,
         "kernel_package": f"{plan.kernel.name}={plan.kernel.version}",
         "include": list(opts.include),
+        "jvm": opts.jvm,
         "compression": opts.compression,
         "packages": {p.name: p.version for p in plan.packages},
         "python": pydists.versions(plan.dists),
