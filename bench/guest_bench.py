@@ -8,9 +8,11 @@ baselines in the same run (issue 12, item 6):
 - each tool as a shell script calls it (its whole run, start to exit), against the
   C request (goal: within 250 ms of it);
 - the parent's sf-clone, with and without avoidance, against the pause sfld logged
-  for that fork (goal: sf-clone returns within the pause plus 150 ms).
+  for that fork (goal: sf-clone returns within the pause plus 150 ms);
+- Java, in a guest of the image with a JVM (build/image-jvm): a JVM's start, its first
+  call, and a call of a warm JVM (SnowFlock.join of an unknown ticket, one round trip).
 
-    .venv/bin/python bench/guest_bench.py [--memory 512] [--json]
+    make java && .venv/bin/python bench/guest_bench.py [--memory 512] [--json]
 
 Times are wall-clock under TCG on this machine: compare ratios, not seconds.
 """
@@ -33,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sflib.image import build as image
+from sflib.image.initramfs import default_compression
 from sflib.image.overlay import overlay
 from sflib.paths import BUILD_DIR, PROJECT_ROOT
 
@@ -96,12 +99,30 @@ for _ in range(N):
 print("BENCH " + json.dumps(R), flush=True)
 """
 
+# The same for Java, with build/snowflock-test.jar's Drive (make java).
+GUEST_JAVA = """
+import json, subprocess, sys, time
+N = int(sys.argv[1])
+CP = "/usr/share/java/snowflock.jar:/usr/share/java/snowflock-test.jar"
+R = {}
+def drive(*args):
+    return subprocess.run(["java", "-cp", CP, "org.snowflock.test.Drive", *args],
+                          capture_output=True, text=True, check=True).stdout.split()
+for _ in range(N):
+    out = drive("bench", "20", "t999-nosuch")  # MEAN-MS X FIRST-MS Y
+    R.setdefault("Java: first call of a new JVM", []).append(float(out[3]) / 1000)
+    R.setdefault("Java request (in-process, JVM warm)", []).append(float(out[1]) / 1000)
+    t = time.perf_counter(); drive("start")
+    R.setdefault("Java: a JVM's start (no call)", []).append(time.perf_counter() - t)
+print("BENCH " + json.dumps(R), flush=True)
+"""
+
 GUEST_SH = "cat >/tmp/b.py <<'PY'\n{py}PY\npython3 /tmp/b.py {rounds}\necho SF-DONE\n"
 
 
-def guest_script(rounds: int) -> str:
+def guest_script(rounds: int, py: str = GUEST_PY) -> str:
     """A short script that unpacks the bench: the kernel command line is < 2 KiB."""
-    packed = base64.b64encode(gzip.compress(GUEST_SH.format(py=GUEST_PY, rounds=rounds).encode()))
+    packed = base64.b64encode(gzip.compress(GUEST_SH.format(py=py, rounds=rounds).encode()))
     return f"echo {packed.decode()} | base64 -d | gunzip > /b.sh && sh /b.sh"
 
 
@@ -115,14 +136,33 @@ def bench_image() -> Path:
     return overlay(image.default_out(), BUILD_DIR / "bench" / "guest-image", files)
 
 
-def measure(memory: int, rounds: int) -> dict[str, Any]:
-    with cluster(1, "--image-dir", str(bench_image())) as (host,):
-        out = host.run_job("gb", guest_script(rounds), memory)
-        log = host.daemon.log.read_text()
+def java_image() -> Path:
+    """The image with a JVM, and the test jar over it (make java built both jars)."""
+    opts = image.Options(out=image.default_out(with_jvm=True), cache=image.default_cache(),
+                         hooks=image.default_hooks(), compression=default_compression(),
+                         jvm=True)  # fmt: skip
+    jar = BUILD_DIR / "snowflock-test.jar"
+    if not jar.is_file():
+        raise SystemExit(f"{jar} is not built: run make java")
+    files = {"/usr/share/java/snowflock-test.jar": (jar.read_bytes(), 0o644)}
+    return overlay(image.build(opts).out, BUILD_DIR / "bench" / "image-jvm", files)
+
+
+def results(out: str) -> dict[str, list[float]]:
     line = re.search(r"^BENCH (.*)$", out, re.M)
     if not line:
         raise SystemExit(f"the guest printed no result:\n{out[-3000:]}")
-    calls: dict[str, list[float]] = json.loads(line.group(1))
+    return dict(json.loads(line.group(1)))
+
+
+def measure(memory: int, rounds: int) -> dict[str, Any]:
+    jvm_image = java_image()
+    with cluster(1, "--image-dir", str(bench_image())) as (host,):
+        calls = results(host.run_job("gb", guest_script(rounds), memory))
+        log = host.daemon.log.read_text()  # the forks' pauses (the Java guest makes none)
+        host.stop("gb")
+        calls |= results(host.run_job("gbj", guest_script(rounds, GUEST_JAVA), memory,
+                                      jvm_image))  # fmt: skip
     pauses = [sum(float(ms) for _, ms in STEP.findall(m.group(0).split(": ", 1)[1]))
               for m in PAUSE.finditer(log)]  # fmt: skip
     return {"memory_mib": memory, "rounds": rounds, "calls": calls, "pauses_ms": pauses}

@@ -4,15 +4,13 @@ a ticket for 2, a fork, each clone prints its ID and exits with 40 + ID, the par
 joins and checks their statuses; then a join of an unknown ticket (NOT_FOUND), an exit
 in the parent (WRONG_STATE) and ten timed round trips.
 
-As in test_c_api.py, the test program goes into an uncompressed cpio put before the
-image's initrd, with /usr/bin/sf-java-suite, which also times the JVM's start. The
-guest prints "JAVA-TEST PASS" or "JAVA-TEST FAIL: why" on its console.
+The test jar and /usr/bin/sf-java-suite, which also times the JVM's start, go into
+the image as an overlay (sflib.image.overlay). The guest prints "JAVA-TEST PASS" or
+"JAVA-TEST FAIL: why" on its console.
 """
 
 from __future__ import annotations
 
-import io
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,8 @@ import pytest
 
 from sflib.image import build as image
 from sflib.image import jvm
-from sflib.image.initramfs import CpioWriter, default_compression
+from sflib.image.initramfs import default_compression
+from sflib.image.overlay import overlay
 from tests.integration.conftest import ROOT, Host, running_host
 from tests.integration.test_c_api import console_until, lines
 
@@ -69,21 +68,10 @@ def jvm_image() -> image.Result:
 @pytest.fixture
 def java_host(jvm_image: image.Result, tmp_path: Path) -> Iterator[tuple[Host, Path]]:
     """A host serving the JVM image, and an image folder with the test jar added."""
-    folder = tmp_path / "image"
-    folder.mkdir()
-    extra = io.BytesIO()
-    writer = CpioWriter(extra)
-    for name in ("usr", "usr/bin", "usr/share", "usr/share/java"):  # unpacked first
-        writer.add_dir(name)
-    writer.add_file(TEST_JAR, (ROOT / "build/snowflock-test.jar").read_bytes(), 0o644)
-    writer.add_file("usr/bin/sf-java-suite", SUITE.encode(), 0o755)
-    writer.close()
-    with (folder / "initrd.img").open("wb") as f:
-        f.write(extra.getvalue())
-        with Path(jvm_image.initrd).open("rb") as base:
-            shutil.copyfileobj(base, f)
-    shutil.copy(jvm_image.kernel, folder / "vmlinuz")
-    shutil.copy(jvm_image.out / "manifest.json", folder / "manifest.json")
+    folder = overlay(jvm_image.out, tmp_path / "image", {
+        f"/{TEST_JAR}": ((ROOT / "build/snowflock-test.jar").read_bytes(), 0o644),
+        "/usr/bin/sf-java-suite": (SUITE.encode(), 0o755),
+    })  # fmt: skip
     with running_host(jvm_image) as host:
         yield host, folder
 

@@ -3,6 +3,8 @@ package org.snowflock;
 import java.io.IOException;
 import java.nio.channels.ClosedByInterruptException;
 import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.Comparator;
 import java.util.LinkedHashMap;
@@ -191,8 +193,21 @@ public final class SnowFlock {
      */
     private static String newRid() {
         long r = ThreadLocalRandom.current().nextLong() ^ System.nanoTime();
-        return String.format("%d-%d-%016x", ProcessHandle.current().pid(),
-                Thread.currentThread().getId(), r);
+        String hex = Long.toHexString(r); // not String.format: its Formatter, regex and
+        hex = "0000000000000000".substring(hex.length()) + hex; // locale data load slowly
+        return pid() + "-" + Thread.currentThread().getId() + "-" + hex;
+    }
+
+    /**
+     * This process's ID, from /proc/self: ProcessHandle.current() starts ProcessHandleImpl's
+     * machinery (an executor, lambdas), which a JVM under TCG takes long to load.
+     */
+    private static String pid() {
+        try {
+            return Files.readSymbolicLink(Path.of("/proc/self")).toString();
+        } catch (IOException | UnsupportedOperationException e) {
+            return Long.toString(ProcessHandle.current().pid()); // no /proc mounted
+        }
     }
 
     /** The result of sfld's reply, or its error (type, message, hint) thrown. */

@@ -24,7 +24,8 @@ import org.snowflock.Ticket;
  *   threads N           N threads at once, each: a ticket for 1, then join it;
  *                       THREAD K TICKET COUNT per thread, then ELAPSED-MS X
  *   bench N [TICKET]    N tickets in a row (or N joins of TICKET, whatever their
- *                       outcome: one round trip each); MEAN-MS X
+ *                       outcome: one round trip each) after one more, the JVM's first
+ *                       (class loading, the interpreter); MEAN-MS X FIRST-MS Y
  *   codes               CODE NAME VALUE for each of SnowFlockException's codes
  *   start               STARTED (what a JVM costs to start)
  * </pre>
@@ -121,18 +122,27 @@ public final class Drive {
 
     private static void bench(int n, String ticket) throws SnowFlockException {
         long start = System.nanoTime();
+        call(ticket);
+        long first = System.nanoTime() - start;
+        start = System.nanoTime();
         for (int k = 0; k < n; k++) {
-            if (ticket == null) {
-                SnowFlock.requestTicket(1);
-                continue;
-            }
-            try {
-                SnowFlock.join(named(ticket));
-            } catch (SnowFlockException e) {
-                // whatever the outcome: one round trip
-            }
+            call(ticket);
         }
-        System.out.printf("MEAN-MS %.3f%n", (System.nanoTime() - start) / 1e6 / n);
+        System.out.printf("MEAN-MS %.3f FIRST-MS %.3f%n", (System.nanoTime() - start) / 1e6 / n,
+                first / 1e6);
+    }
+
+    /** One round trip: a ticket for 1, or a join of ticket whatever its outcome. */
+    private static void call(String ticket) throws SnowFlockException {
+        if (ticket == null) {
+            SnowFlock.requestTicket(1);
+            return;
+        }
+        try {
+            SnowFlock.join(named(ticket));
+        } catch (SnowFlockException e) {
+            // whatever the outcome: one round trip
+        }
     }
 
     private static void codes() {
