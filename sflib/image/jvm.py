@@ -2,9 +2,12 @@
 machine's JDK with jlink, and the Java API's jar (snowflock.3java).
 
 The guest's root lives in its RAM, so the runtime is kept small: java.base with its
-debug attributes, headers and man pages stripped, compressed (about 35 MiB), plus a
-class-data sharing archive that spares a JVM under TCG most of its start-up
-(about 11 MiB; the one for heaps over 32 GiB is dropped).
+debug attributes, headers and man pages stripped, compressed (about 35 MiB), plus
+jlink's class-data sharing archive (about 11 MiB; the one for heaps over 32 GiB is
+dropped). Measured in a 512 MiB TCG guest, a JVM started in 4.8 s with it and 6.9 s
+without (medians of 5). Adding the 190 classes of java.base that the API's calls load
+to the archive made no difference to a new JVM's first call (1.9 s either way, medians
+of 6): under TCG that is the interpreter's time, not class loading.
 """
 
 from __future__ import annotations

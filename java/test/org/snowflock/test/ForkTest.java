@@ -37,11 +37,13 @@ public final class ForkTest {
         Ticket ticket = SnowFlock.requestTicket(2);
         System.out.println("JAVA-TICKET " + ticket.granted() + " " + ticket.requested());
         check(ticket.granted() == 2, "granted " + ticket.granted() + " of 2");
+        long start = System.nanoTime();
         int me = SnowFlock.clone(ticket);
         if (me > 0) {
             System.out.println("JAVA-CLONE " + me);
             SnowFlock.exit(40 + me);
         }
+        System.out.printf("JAVA-CLONE-MS %.0f%n", (System.nanoTime() - start) / 1e6);
         List<CloneStatus> clones = SnowFlock.join(ticket);
         for (CloneStatus c : clones) {
             System.out.println("JAVA-JOIN " + c.id() + " " + c.state() + " " + c.status());
@@ -51,7 +53,7 @@ public final class ForkTest {
         expect(SnowFlockException.NOT_FOUND, "JAVA-NOTFOUND", () -> SnowFlock.join(
                 new Ticket("t999-nosuch", 1, 1)));
         expect(SnowFlockException.WRONG_STATE, "JAVA-WRONGSTATE", () -> SnowFlock.exit(0));
-        long start = System.nanoTime();
+        start = System.nanoTime();
         for (int k = 0; k < rounds; k++) {
             try {
                 SnowFlock.join(new Ticket("t999-nosuch", 1, 1));
