@@ -2,7 +2,8 @@
 (sf-image build --jvm, build/image-jvm), and build/snowflock-test.jar's ForkTest in it:
 a ticket for 2, a fork, each clone prints its ID and exits with 40 + ID, the parent
 joins and checks their statuses; then a join of an unknown ticket (NOT_FOUND), an exit
-in the parent (WRONG_STATE) and ten timed round trips.
+in the parent (WRONG_STATE) and ten timed round trips; and a call on the port that the
+agent holds (UNREACHABLE).
 
 The test jar and /usr/bin/sf-java-suite, which also times the JVM's start, go into
 the image as an overlay (sflib.image.overlay). The guest prints "JAVA-TEST PASS" or
@@ -46,6 +47,8 @@ for _ in range(3):
     print("JAVA-START-MS %.0f" % ((time.perf_counter() - t) * 1000), flush=True)
 '
 java -cp {CLASSPATH} org.snowflock.test.ForkTest 10
+echo JAVA-PORT $(SF_XENBUS=/dev/virtio-ports/org.snowflock.xenbus \
+    java -cp {CLASSPATH} org.snowflock.test.Drive ticket 1 2>/dev/null)
 for f in {" ".join(SHIPPED)}; do [ -e $f ] && echo JAVA-SHIPPED $f; done
 echo JAVA-SUITE DONE
 """
@@ -92,6 +95,8 @@ def test_java_program_clones_and_joins(java_host: tuple[Host, Path]) -> None:
     assert lines(console, "JAVA-NOTFOUND") == [["3", "NotFoundError"]], report
     assert lines(console, "JAVA-WRONGSTATE") == [["4", "WrongStateError"]], report
     assert lines(console, "JAVA-BENCH")[0][0] == "MEAN-MS", report
+    # The agent holds the port, which admits one opener: the binding says unreachable.
+    assert lines(console, "JAVA-PORT") == [["ERR", "5", "-"]], report
     assert len(lines(console, "JAVA-START-MS")) == 3, report
     assert lines(console, "JAVA-CDS") == [["on"]], report
     assert [line[0] for line in lines(console, "JAVA-SHIPPED")] == list(SHIPPED), report

@@ -123,14 +123,24 @@ final class XenStore implements Closeable {
         }
     }
 
+    /**
+     * Removes our watch on the port (the agent removes a client's watches itself), then
+     * closes. Failures are ignored, as libsnowflock does: the call's answer is in, and
+     * nothing was written that a failed close could lose.
+     */
     @Override
-    public void close() throws IOException {
+    public void close() {
         try {
             if (direct && token != null) {
                 request(UNWATCH, join(watchPath, token));
             }
-        } finally {
+        } catch (IOException e) {
+            // the port's host end drops the watch with the domain's connection state
+        }
+        try {
             channel.close();
+        } catch (IOException e) {
+            // see above
         }
     }
 
