@@ -1,5 +1,5 @@
 """The Java binding (java/, snowflock.3java) against the real guest agent and a real
-XenStore server, with test_c_agent.py's fake sfld behind them, on this machine's JVM:
+XenStore server, with the fake sfld behind them (fake_sfld.py), on this machine's JVM:
 no VM. build/snowflock-test.jar's Drive makes each call from the command line, as
 build/sf-cdrive does for C, so both bindings meet the same answers.
 """
@@ -8,30 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from sflib.exitcodes import ExitCode
 from sflib.fork import layout
-from sflib.guest.agent import Agent
-from sflib.xenstore.server import XenStoreServer
 from tests.integration.conftest import ROOT
-from tests.integration.test_c_agent import (
+from tests.integration.fake_sfld import (
     CLONE_ID,
     CODES,
-    DOMID,
     ERRORS,
     HOME,
     JOIN_DELAY,
-    FakeSfld,
-    Run,
+    Guest,
+    fake_guest,
 )
-from tests.integration.test_c_agent import Guest as CGuest
 
 JARS = (ROOT / "build/snowflock.jar", ROOT / "build/snowflock-test.jar")
 DRIVE = "org.snowflock.test.Drive"
@@ -48,31 +45,19 @@ def jars() -> None:
 
 
 @pytest.fixture
-async def guest(tmp_path: Path, jars: None) -> AsyncIterator[CGuest]:
-    server = XenStoreServer()
-    server.local.make_domain(DOMID)
-    port = tmp_path / "port.sock"
-
-    async def domain_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        server.attach(DOMID, reader, writer)
-
-    port_server = await asyncio.start_unix_server(domain_connection, port)
-    agent = Agent(port, tmp_path / "xenstored" / "socket")
-    await agent.start()
-    sfld = FakeSfld(server)
-    sfld.start()
-    hooks = tmp_path / "hooks.d"
-    env = {"PATH": os.environ["PATH"], "XENSTORED_PATH": str(agent.socket_path),
-           "SF_HOOKS_DIR": str(hooks), "SF_PORT_SOCKET": str(port)}  # fmt: skip
-    try:
-        yield CGuest(server, sfld, env, hooks)
-    finally:
-        agent.close()
-        port_server.close()
-        await server.close()
+async def guest(tmp_path: Path, jars: None) -> AsyncIterator[Guest]:
+    async with fake_guest(tmp_path) as g:
+        yield g
 
 
-async def drive(guest: CGuest, *args: str, env: dict[str, str] | None = None) -> Run:
+@dataclass
+class Run:
+    code: int
+    out: list[list[str]]
+    err: str
+
+
+async def drive(guest: Guest, *args: str, env: dict[str, str] | None = None) -> Run:
     classpath = ":".join(str(jar) for jar in JARS)
     proc = await asyncio.create_subprocess_exec(
         "java", "-Xshare:auto", "-cp", classpath, DRIVE, *args, env={**guest.env, **(env or {})},
@@ -82,7 +67,7 @@ async def drive(guest: CGuest, *args: str, env: dict[str, str] | None = None) ->
     return Run(proc.returncode, [line.split() for line in out.decode().splitlines()], err.decode())
 
 
-async def test_every_call_and_its_result(guest: CGuest) -> None:
+async def test_every_call_and_its_result(guest: Guest) -> None:
     got = await drive(guest, "ticket", "3")
     assert got.code == 0 and got.out[0][0] == "TICKET", got
     ticket = got.out[0][1]
@@ -106,7 +91,7 @@ async def test_every_call_and_its_result(guest: CGuest) -> None:
     assert guest.held() == 0  # every client's watch gone with it
 
 
-async def test_errors_carry_the_exit_codes(guest: CGuest) -> None:
+async def test_errors_carry_the_exit_codes(guest: Guest) -> None:
     for ticket, code in CODES.items():
         got = await drive(guest, "join", ticket)
         expected = [["ERR", str(code), ERRORS[ticket].__name__]]  # sfld's error type
@@ -125,13 +110,13 @@ async def test_errors_carry_the_exit_codes(guest: CGuest) -> None:
     assert "sf-exit is for clones" in got.err
 
 
-async def test_the_codes_are_the_tools_exit_codes(guest: CGuest) -> None:
+async def test_the_codes_are_the_tools_exit_codes(guest: Guest) -> None:
     got = await drive(guest, "codes")
     assert {line[1]: int(line[2]) for line in got.out} == {c.name: int(c) for c in ExitCode
                                                            if c != ExitCode.OK}  # fmt: skip
 
 
-async def test_exit_waits_for_the_end_after_sfld_took_it(guest: CGuest) -> None:
+async def test_exit_waits_for_the_end_after_sfld_took_it(guest: Guest) -> None:
     classpath = ":".join(str(jar) for jar in JARS)
     proc = await asyncio.create_subprocess_exec("java", "-cp", classpath, DRIVE, "exit", "7",
                                                 env=guest.env)  # fmt: skip
@@ -144,14 +129,24 @@ async def test_exit_waits_for_the_end_after_sfld_took_it(guest: CGuest) -> None:
         await proc.wait()
 
 
-async def test_unreachable_without_agent_or_port(guest: CGuest, tmp_path: Path) -> None:
+async def test_unreachable_without_agent_or_port(guest: Guest, tmp_path: Path) -> None:
     missing = {"XENSTORED_PATH": str(tmp_path / "none"), "SF_XENBUS": str(tmp_path / "none")}
     got = await drive(guest, "ticket", "1", env=missing)
     assert (got.code, got.out) == (5, [["ERR", "5", "-"]])
     assert "is this a SnowFlock VM?" in got.err
 
 
-async def test_the_port_directly_when_sf_xenbus_names_it(guest: CGuest) -> None:
+async def test_a_dead_agents_socket_leaves_the_port(guest: Guest, tmp_path: Path) -> None:
+    """A socket file nobody listens on: the binding goes to the port, as libsnowflock."""
+    dead = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(dead))  # bound, never listening: connect() is refused
+        got = await drive(guest, "ticket", "1", env={"XENSTORED_PATH": str(dead)})
+    assert (got.code, got.out) == (5, [["ERR", "5", "-"]])
+    assert "no XenStore port at /dev/virtio-ports/org.snowflock.xenbus" in got.err
+
+
+async def test_the_port_directly_when_sf_xenbus_names_it(guest: Guest) -> None:
     """$SF_XENBUS bypasses the agent; the binding removes its watch itself there."""
     got = await drive(guest, "ticket", "2", env={"SF_XENBUS": guest.env["SF_PORT_SOCKET"]})
     assert got.code == 0 and got.out[0][0] == "TICKET", got
@@ -159,7 +154,7 @@ async def test_the_port_directly_when_sf_xenbus_names_it(guest: CGuest) -> None:
     assert guest.held() == 0
 
 
-async def test_a_clone_runs_its_hooks_with_its_identity(guest: CGuest) -> None:
+async def test_a_clone_runs_its_hooks_with_its_identity(guest: Guest) -> None:
     post = guest.hooks / "clone-post.d"
     post.mkdir(parents=True)
     record = guest.hooks / "env.out"
@@ -188,7 +183,7 @@ async def test_a_clone_runs_its_hooks_with_its_identity(guest: CGuest) -> None:
     assert not (guest.hooks / "noexec").exists()
 
 
-async def test_threads_of_one_process_call_at_once(guest: CGuest) -> None:
+async def test_threads_of_one_process_call_at_once(guest: Guest) -> None:
     got = await drive(guest, "threads", "8")
     assert got.code == 0, got
     assert got.out[-1][0] == "ELAPSED-MS", got  # the threads' time, not the JVM's start
@@ -199,7 +194,7 @@ async def test_threads_of_one_process_call_at_once(guest: CGuest) -> None:
     assert guest.held() == 0
 
 
-async def test_latency_of_a_request_through_the_agent(guest: CGuest) -> None:
+async def test_latency_of_a_request_through_the_agent(guest: Guest) -> None:
     got = await drive(guest, "bench", "200")
     assert got.code == 0, got
     mean_ms = float(got.out[0][1])

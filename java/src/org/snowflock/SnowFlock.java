@@ -175,8 +175,7 @@ public final class SnowFlock {
 
     private static SnowFlockException local(IOException e) {
         if (e instanceof XenStore.Unreachable) {
-            return new SnowFlockException(SnowFlockException.UNREACHABLE,
-                    "no XenStore agent nor port (is this a SnowFlock VM?): " + e.getMessage(), e);
+            return new SnowFlockException(SnowFlockException.UNREACHABLE, e.getMessage(), e);
         }
         if (e instanceof ClosedByInterruptException) {
             return new SnowFlockException(SnowFlockException.SYSTEM,

@@ -25,9 +25,9 @@ import java.util.Map;
  * One XenStore connection, speaking Xen's wire protocol (xs_wire.h) as c/sf-xs.c does:
  * a 16-byte header of four little-endian uint32 (type, req_id, tx_id, len), then len
  * bytes of payload, NUL-separated strings. To the guest agent's Unix socket
- * (/run/xenstored/socket, or $XENSTORED_PATH), or, without it, to the virtio-serial
- * port itself; $SF_XENBUS names a port or socket to use instead of both. Not
- * thread-safe: a connection per call.
+ * (/run/xenstored/socket, or $XENSTORED_PATH), or, when it is missing or refuses (a dead
+ * agent leaves the port free), to the virtio-serial port itself; $SF_XENBUS names a port
+ * or socket to use instead of both. Not thread-safe: a connection per call.
  */
 final class XenStore implements Closeable {
     static final int READ = 2;
@@ -60,7 +60,14 @@ final class XenStore implements Closeable {
         private static final long serialVersionUID = 1L;
 
         Unreachable(String path, IOException cause) {
-            super("cannot open " + path + ": " + cause.getMessage(), cause);
+            super(cause instanceof NoSuchFileException
+                    ? "no XenStore port at " + path + " (is this a SnowFlock VM?)"
+                    : "cannot open the XenStore connection " + path + ": " + reason(cause), cause);
+        }
+
+        private static String reason(IOException e) {
+            return e instanceof FileSystemException f && f.getReason() != null ? f.getReason()
+                    : e.getMessage();
         }
     }
 
@@ -81,13 +88,18 @@ final class XenStore implements Closeable {
         String port = env.get("SF_XENBUS");
         String agent = env.get("XENSTORED_PATH");
         agent = agent != null && !agent.isEmpty() ? agent : AGENT_SOCKET;
-        if (port != null && !port.isEmpty()) {
-            return new XenStore(connect(Path.of(port)), true);
+        boolean bypass = port != null && !port.isEmpty();
+        if (!bypass && Files.exists(Path.of(agent))) {
+            try {
+                return new XenStore(connect(Path.of(agent)), false);
+            } catch (Unreachable e) {
+                if (!(e.getCause() instanceof ConnectException
+                        || e.getCause() instanceof NoSuchFileException)) {
+                    throw e;
+                } // a dead agent's socket: the port is free
+            }
         }
-        if (Files.exists(Path.of(agent))) {
-            return new XenStore(connect(Path.of(agent)), false);
-        }
-        return new XenStore(connect(Path.of(PORT)), true);
+        return new XenStore(connect(Path.of(bypass ? port : PORT)), true);
     }
 
     private static ByteChannel connect(Path path) throws IOException {
