@@ -29,12 +29,12 @@ import successive_bench
 from rich.console import Console
 from rich.table import Table
 
+from sflib.guest.ready import READY_KEY
 from sflib.image.build import default_out
 from sflib.paths import BUILD_DIR
 from sflib.vm.accel import Accel
 from sflib.vm.machine import Machine
 from sflib.vm.qemu import VMFiles, VMSpec
-from sflib.vm.ready import READY_KEY
 from sflib.xenstore import snapshot
 from sflib.xenstore.server import XenStoreServer
 from sflib.xenstore.wire import XenStoreError

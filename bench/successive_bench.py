@@ -65,7 +65,7 @@ SETUPS = {"one-host": (1, "one host"), "cluster": (3, "3 hosts")}
 SCRIPT = """\
 {env}g() {{ python3 -c "
 import time
-from sflib.vm.guestbus import open_bus
+from sflib.guest.bus import open_bus
 b = open_bus()
 while True:
   try: b.read(b'go$1'); break

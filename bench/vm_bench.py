@@ -26,12 +26,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from sflib.guest.ready import READY_KEY
 from sflib.image.build import default_out
 from sflib.image.initramfs import CpioWriter
 from sflib.vm.accel import Accel
 from sflib.vm.machine import Machine
 from sflib.vm.qemu import VMFiles, VMSpec
-from sflib.vm.ready import READY_KEY
 from sflib.xenstore.server import XenStoreServer
 from sflib.xenstore.wire import XenStoreError
 

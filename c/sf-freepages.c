@@ -1,5 +1,5 @@
 /* sf-freepages.c: the avoidance heuristic's guest half (sf-freepages.h). Why each
- * step is there is told in sflib/fork/freepages.py, whose behaviour this is. */
+ * step is there is told in sflib/guest/freepages.py, whose behaviour this is. */
 #define _GNU_SOURCE
 #include "sf-freepages.h"
 

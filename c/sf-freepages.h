@@ -1,5 +1,5 @@
 /* sf-freepages.h: the avoidance heuristic's guest half in C (internal), as
- * sflib/fork/freepages.py: take most of the guest's free memory, pin it, and report
+ * sflib/guest/freepages.py: take most of the guest's free memory, pin it, and report
  * its frames, so that clones never fetch those pages. The report's format is that
  * module's (zlib of little-endian uint64 (first, count) runs, base64 in chunks). */
 #ifndef SF_FREEPAGES_H

@@ -1,6 +1,6 @@
 /* sf-hooks.c: the reseed and hooks.d/clone-post.d after a fork (sf-hooks.h).
  *
- * The hooks run as sflib.hooks.runner runs them, so a clone made by a C program
+ * The hooks run as sflib.guest.hooks runs them, so a clone made by a C program
  * gets the same identity (hostname, MAC, address) as one made by sf-clone.
  */
 #define _GNU_SOURCE
@@ -98,7 +98,7 @@ static int set_var(char **env, size_t *n, const char *name, const char *value)
     return 0;
 }
 
-/* A member's value as Python's str() gives it (sflib.hooks.runner); nested values as
+/* A member's value as Python's str() gives it (sflib.guest.hooks); nested values as
  * compact JSON. Returns a malloc'd string or NULL. */
 static char *identity_value(const struct sfj *v)
 {
@@ -359,7 +359,7 @@ static const char *describe(const char *path, struct hook_run *r, int timeout_ms
 }
 
 /* Logs each line of what the hook (named name) wrote, stdout first, as
- * sflib.hooks.runner does: "NAME: line". */
+ * sflib.guest.hooks does: "NAME: line". */
 static void log_output(const struct hook_run *r, const char *name, sfh_log_fn log)
 {
     char line[512];

@@ -1,5 +1,5 @@
 /* sf-hooks.h: what a member of a family does after a fork, before sf_clone returns
- * (internal to libsnowflock): as sflib.fork.api.reseed and sflib.hooks.runner. */
+ * (internal to libsnowflock): as sflib.guest.api.reseed and sflib.guest.hooks. */
 #ifndef SF_HOOKS_H
 #define SF_HOOKS_H
 
@@ -7,7 +7,7 @@
 
 #define SFH_DEFAULT_DIR "/etc/snowflock/hooks.d"
 #define SFH_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#define SFH_TIMEOUT_MS 120000 /* per hook, as sflib.hooks.runner.TIMEOUT */
+#define SFH_TIMEOUT_MS 120000 /* per hook, as sflib.guest.hooks.TIMEOUT */
 #define SFH_GRACE_MS 3000     /* from SIGTERM to SIGKILL, as sflib.run.KILL_GRACE */
 
 /* Mixes the hex seed of a fork's reply into the kernel's RNG and reseeds it now
@@ -39,7 +39,7 @@ SF_INTERNAL int sfh_run_hooks(const char *hooks_dir, const char *event, const ch
 typedef void (*sfh_log_fn)(int warning, const char *message);
 
 /* sfh_run_hooks, saying it all through log (NULL: as sfh_run_hooks, which says only
- * the failures, and not what the hooks wrote), as sflib.hooks.runner logs. */
+ * the failures, and not what the hooks wrote), as sflib.guest.hooks logs. */
 SF_INTERNAL int sfh_run_hooks_logged(const char *hooks_dir, const char *event, const char *phase,
                                      const struct sfj *identity, int timeout_ms, sfh_log_fn log);
 

@@ -1,4 +1,4 @@
-/* sf-proto.h: SnowFlock's requests and replies (sflib/fork/layout.py), pure and
+/* sf-proto.h: SnowFlock's requests and replies (sflib/guest/layout.py), pure and
  * internal to libsnowflock. The results' shapes are sflib/fork/calls.py's. */
 #ifndef SF_PROTO_H
 #define SF_PROTO_H

@@ -1,5 +1,5 @@
 /* sf-share.c: clones hand results back to their parent through XenStore; the tool
- * as sflib/cli/share.py, with sflib/fork/share.py's layout: a value as base64
+ * as sflib/cli/share.py, with sflib/guest/share.py's layout: a value as base64
  * chunks <key>/<i>, then <key>/chunks, written last, so no reader sees half a value. */
 #define _GNU_SOURCE
 #include "sf-share.h"

@@ -95,7 +95,7 @@ int sfx_open(struct sfx *x)
     memset(x, 0, sizeof *x);
     x->fd = -1;
     x->next_id = 1;
-    /* As sflib.vm.guestbus: $SF_XENBUS bypasses the agent; else the agent if its
+    /* As sflib.guest.bus: $SF_XENBUS bypasses the agent; else the agent if its
      * socket exists and answers (a dead agent's socket leaves the port free), else
      * the port. */
     agent = agent && *agent ? agent : SFX_AGENT_SOCKET;

@@ -1,6 +1,6 @@
 /* snowflock.c: the SnowFlock API for C (snowflock.h), speaking sfld's protocol.
  *
- * One request is what sflib.fork.api.request does: watch the reply key first and
+ * One request is what sflib.guest.api.request does: watch the reply key first and
  * take the watch's initial event, so that no reply can come unseen; write the
  * request; on each event read the reply key until it holds a value (an event may
  * come before the value); remove it. sfld copies the domain and the pending watch
@@ -273,7 +273,7 @@ void sf_exit(int status)
     sfj_free(&result);
     if (rc == 0)
         for (;;)
-            pause(); /* until sfld stops this clone, as sflib.fork.api.exit */
+            pause(); /* until sfld stops this clone, as sflib.guest.api.exit */
     exit(-rc); /* request() said why */
 }
 

@@ -1,7 +1,7 @@
 /* snowflock.h: the SnowFlock API for C programs inside a guest VM (DESIGN.md §1),
  * libsnowflock (-lsnowflock; libsnowflock.so.0 or libsnowflock.a). See snowflock(3).
  *
- * Each call speaks the protocol itself, as the Python API (sflib.fork.api) does:
+ * Each call speaks the protocol itself, as the Python API (sflib.guest.api) does:
  * it writes a request into the VM's XenStore domain (snowflock/requests/RID, JSON)
  * and blocks on a watch until sfld writes the reply (snowflock/replies/RID). No
  * Python and no exec on the way. A VM fork clones the whole guest, this process

@@ -30,8 +30,8 @@ from sflib.errors import SystemFailure
 from sflib.errors import UnreachableError as Unreachable
 from sflib.errors import UsageError as Usage
 from sflib.errors import WrongStateError as WrongState
-from sflib.fork import api
-from sflib.fork.api import Ticket
+from sflib.guest import api
+from sflib.guest.api import Ticket
 
 __all__ = [
     "CloneStatus",

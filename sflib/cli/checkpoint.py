@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sflib.cli.app import AvoidanceOption, DebugOption, QuietOption, main, make_app, setup_logging
-from sflib.fork import api
+from sflib.guest import api
 
 PROGRAM = "sf-checkpoint"
 app = make_app("Checkpoint this VM; print the checkpoint and 0 (or, in a clone, its ID).")

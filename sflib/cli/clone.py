@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sflib.cli.app import AvoidanceOption, DebugOption, QuietOption, main, make_app, setup_logging
-from sflib.fork import api
+from sflib.guest import api
 
 PROGRAM = "sf-clone"
 app = make_app("Clone this VM with TICKET; print 0 in the parent, the clone's ID in clones.")

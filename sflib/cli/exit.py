@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from sflib.cli.app import DebugOption, QuietOption, main, make_app, setup_logging
-from sflib.fork import api
+from sflib.guest import api
 
 PROGRAM = "sf-exit"
 app = make_app("End this clone; its parent's sf-join reports STATUS.")

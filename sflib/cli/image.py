@@ -17,7 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from sflib.cli.app import DebugOption, QuietOption, main, make_app, setup_logging
 from sflib.errors import NotFoundError, UsageError
 from sflib.image import build as image
+from sflib.image import guestpkg
 from sflib.image.initramfs import COMPRESSIONS, default_compression
+from sflib.paths import BUILD_DIR
 
 PROGRAM = "sf-image"
 log = logging.getLogger(PROGRAM)
@@ -157,6 +159,40 @@ def show_command(
     if not manifest:
         raise NotFoundError(f"no image in {directory}", hint="run sf-image build")
     print(json.dumps(manifest, indent=2))
+
+
+@app.command("guest-package")
+def guest_package_command(
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="The tarball [default: build/snowflock-guest.tar.gz in the project].",
+        ),
+    ] = None,
+    hooks: Annotated[
+        Path | None,
+        typer.Option("--hooks", help="hooks.d to put in it [default: the project's]."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the path and the files.")] = False,
+    debug: DebugOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Package the guest side for another distribution's VM: a tarball to unpack at /.
+
+    It holds sf-guestd and its systemd unit, the Python API (import snowflock), the
+    guest tools and libsnowflock (built by make c), and hooks.d. Exit 3 if the C
+    parts are not built.
+    """
+    setup_logging(PROGRAM, debug, quiet)
+    target = (out or guestpkg.default_out()).absolute()
+    members = guestpkg.write_package(target, image.SFLIB_DIR, image.PYTHON_API_DIR, BUILD_DIR,
+                                     image.C_SOURCES, hooks or image.default_hooks())  # fmt: skip
+    if as_json:
+        print(json.dumps({"package": str(target), "files": members}, indent=2))
+    else:
+        print(target)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import typer
 
 from sflib.cli.app import DebugOption, QuietOption, main, make_app, setup_logging
 from sflib.exitcodes import ExitCode
-from sflib.fork import api
+from sflib.guest import api
 
 PROGRAM = "sf-join"
 app = make_app("Wait until every clone of TICKET has exited; print their statuses.")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sflib.cli.app import DebugOption, QuietOption, main, make_app, setup_logging
-from sflib.fork import api
+from sflib.guest import api
 
 PROGRAM = "sf-kill"
 app = make_app("Kill every clone of TICKET and invalidate it.")

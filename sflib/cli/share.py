@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from sflib.cli.app import DebugOption, QuietOption, main, make_app, setup_logging
-from sflib.fork import share
+from sflib.guest import share
 
 PROGRAM = "sf-share"
 app = make_app("Clones hand results back to their parent through XenStore.")

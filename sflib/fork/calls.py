@@ -1,5 +1,5 @@
 """The calls of the API (DESIGN §1), as sfld carries them out for a VM: one method
-per op of sflib.fork.layout, each checking its arguments and the VM's right to the
+per op of sflib.guest.layout, each checking its arguments and the VM's right to the
 call before acting.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from sflib.cluster.link import ClusterLink
 from sflib.errors import NotFoundError, UsageError, WrongStateError
-from sflib.fork import freepages, layout, mechanics
+from sflib.fork import mechanics
 from sflib.fork.checkpoint import Checkpoint
 from sflib.fork.hosted import HostedClones
 from sflib.fork.lifecycle import TicketLife
@@ -25,8 +25,9 @@ from sflib.fork.messages import clone_reply
 from sflib.fork.network import CloneNetworks
 from sflib.fork.remote import RemoteClones
 from sflib.fork.requests import NO_REPLY, Handler, RequestQueue
-from sflib.fork.share import read_chunks
 from sflib.fork.tickets import CloneState, Ticket, TicketState
+from sflib.guest import freepages, layout
+from sflib.guest.share import read_chunks
 from sflib.sfld.vms import VM, VMTable
 from sflib.xenstore.wire import XenStoreError
 

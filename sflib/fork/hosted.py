@@ -23,12 +23,13 @@ from typing import Any
 
 from sflib.cluster.link import ClusterLink
 from sflib.errors import SnowFlockError, SystemFailure, UsageError
-from sflib.fork import layout, mechanics
+from sflib.fork import mechanics
 from sflib.fork.checkpoint import Checkpoint
 from sflib.fork.images import MemoryImage
 from sflib.fork.mechanics import CloneOrder
 from sflib.fork.messages import CloneStart, Identity, clone_reply
-from sflib.fork.share import read_chunks
+from sflib.guest import layout
+from sflib.guest.share import read_chunks
 from sflib.memory.service import MemoryService
 from sflib.sfld.vms import VM, VMTable
 from sflib.vm.qemu import Nic

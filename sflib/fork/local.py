@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from sflib.errors import NotFoundError, SnowFlockError
-from sflib.fork import layout, mechanics
+from sflib.fork import mechanics
 from sflib.fork.checkpoint import Checkpoint
 from sflib.fork.mechanics import CloneOrder
 from sflib.fork.messages import Identity, clone_reply
 from sflib.fork.network import CloneNetworks
 from sflib.fork.requests import RequestQueue
 from sflib.fork.tickets import Clone, CloneState, Ticket, TicketState
+from sflib.guest import layout
 from sflib.memory.service import MemoryService
 from sflib.sfld.vms import VM, VMTable
 

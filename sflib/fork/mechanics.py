@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 from sflib.errors import SystemFailure
-from sflib.fork import freepages, images, layout
+from sflib.fork import images
 from sflib.fork.checkpoint import Checkpoint, machine_of
 from sflib.fork.images import MemoryImage
+from sflib.guest import freepages, layout
 from sflib.memory import tap
 from sflib.sfld.vms import VM, VMState, VMTable
 from sflib.vm.machine import Machine
@@ -49,7 +50,7 @@ async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: boo
                             free: list[tuple[int, int]]) -> Checkpoint:  # fmt: skip
     """Freeze vm into a new checkpoint (its image <checkpoint_id>.mem, its files in
     dir) and let vm go on in a new QEMU; ckpt.pause_ms says how long it was paused.
-    free: page frames the guest reported free (sflib.fork.freepages): never copied,
+    free: page frames the guest reported free (sflib.guest.freepages): never copied,
     and marked in the image after the pause (await ckpt.ready() before cloning).
 
     On failure vm runs on as before. Raises SnowFlockError.
@@ -283,7 +284,7 @@ async def _mark_free(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:
     """Mark the pages the guest reported free (runs of file pages) in ckpt's image
     before its first clone (the free map, which memtap reads as it mounts), then
     punch them out of it: nobody reads those pages before writing them
-    (sflib.fork.freepages), so their content does not matter, and a hole costs no
+    (sflib.guest.freepages), so their content does not matter, and a hole costs no
     memory. Clones wait for the map only (ckpt.ready); a next fork that writes into
     the image waits for the holes too (MemoryImage.settled). Never raises: clones
     then fetch those pages like others."""

@@ -108,7 +108,7 @@ def clone_reply(clone_id: int, base: dict[str, Any] | None = None) -> dict[str, 
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a clone is, written into its XenStore domain (sflib.fork.layout.IDENTITY)
+    """Who a clone is, written into its XenStore domain (sflib.guest.layout.IDENTITY)
     for its hooks (each key becomes SF_<KEY>)."""
 
     id: int
@@ -118,7 +118,7 @@ class Identity:
     parent_domid: int  # on the parent's host
     host: str  # the host that runs it
     parent_host: str
-    share: str  # the XenStore folder its sf-share put writes (sflib.fork.share)
+    share: str  # the XenStore folder its sf-share put writes (sflib.guest.share)
 
     def to_json(self, network: dict[str, Any] | None = None) -> dict[str, Any]:
         """With the clone's identity on its family network, if it has one."""

@@ -14,10 +14,10 @@ from typing import Any
 
 from sflib.cluster.link import ClusterLink
 from sflib.errors import NotFoundError, SnowFlockError, UsageError
-from sflib.fork import layout
 from sflib.fork.checkpoint import Checkpoint
 from sflib.fork.messages import START, CloneStart
 from sflib.fork.tickets import Clone, CloneState, Ticket, TicketBook
+from sflib.guest import layout
 from sflib.memory.service import MemoryService
 from sflib.xenstore.server import XenStoreServer
 

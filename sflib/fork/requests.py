@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from sflib.errors import SnowFlockError, SystemFailure
-from sflib.fork import layout
+from sflib.guest import layout
 from sflib.sfld.vms import VM, VMTable
 from sflib.xenstore.wire import XenStoreError
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import sflib
 from sflib.errors import NotFoundError, SystemFailure
-from sflib.image import jvm, packages, pydists, rootfs
+from sflib.image import guestpkg, jvm, packages, pydists, rootfs
 from sflib.image.initramfs import CpioWriter, compress, count_entries
 from sflib.image.modules import GUEST_MODULES
 from sflib.image.packages import Package
@@ -231,11 +231,10 @@ def _assemble(
     rootfs.trim(root)
     rootfs.add_skeleton(root)
     rootfs.add_busybox_links(root)
-    rootfs.add_sflib(root, SFLIB_DIR, PYTHON_API_DIR)
+    guestpkg.add_python(root, SFLIB_DIR, PYTHON_API_DIR)
     for dist in plan.dists:
         pydists.copy_distribution(dist, root / rootfs.DIST_PACKAGES)
-    rootfs.add_hooks(root, opts.hooks)
-    rootfs.add_c_api(root, BUILD_DIR, C_SOURCES)
+    guestpkg.add_rest(root, SFLIB_DIR, BUILD_DIR, C_SOURCES, opts.hooks)
     if opts.jvm:
         report.stage("linking a Java runtime")
         size = jvm.add_jvm(root, jvm.find_jlink(), JAVA_JAR)

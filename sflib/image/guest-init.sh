@@ -104,7 +104,7 @@ configure_network() {
 # Tell sfld through XenStore that the guest is up (sf-vm run --wait-ready).
 notify_ready() {
     [ -e "/dev/virtio-ports/$XENBUS_PORT" ] || return 0
-    python3 -m sflib.vm.ready || say "could not write the ready key"
+    python3 -m sflib.guest.ready || say "could not write the ready key"
 }
 
 # The kernel turns transparent huge pages off in a guest of less than 512 MiB; a

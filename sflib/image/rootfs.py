@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sflib.cli import GUEST_TOOLS, PROGRAMS
+from sflib.cli import GUEST_TOOLS
 from sflib.errors import NotFoundError, UsageError
 from sflib.image import modules as kmod
 from sflib.run import run
@@ -111,19 +111,6 @@ def add_busybox_links(root: Path) -> int:
     return count
 
 
-def add_sflib(root: Path, source: Path, python_api: Path) -> None:
-    """Copy the sflib package and the snowflock module (the Python API) and link each
-    executable in /usr/bin (via launcher.sh)."""
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(source, root / DIST_PACKAGES / "sflib", ignore=skip)
-    shutil.copytree(python_api, root / DIST_PACKAGES / "snowflock", ignore=skip)
-    launcher = f"/{DIST_PACKAGES}/sflib/cli/launcher.sh"
-    for program in PROGRAMS:
-        link = root / "usr/bin" / program
-        link.unlink(missing_ok=True)
-        link.symlink_to(launcher)
-
-
 def c_api_files(build: Path, sources: Path) -> list[Path]:
     """What add_c_api ships: the built libraries and tools, then the public headers."""
     built = [build / name for name in (*C_LIBRARIES, C_TOOLS)]
@@ -133,7 +120,7 @@ def c_api_files(build: Path, sources: Path) -> list[Path]:
 def add_c_api(root: Path, build: Path, sources: Path) -> None:
     """Ship libsnowflock (.so.0 with its libsnowflock.so link, and .a) and snowflock.h and
     snowflock.hpp, so guest programs build and run against them (snowflock(3)); and the
-    guest tools in C, in place of add_sflib's links to their Python forms.
+    guest tools in C, each of GUEST_TOOLS in /usr/bin a link to them.
 
     Raises NotFoundError when the libraries are not built.
     """

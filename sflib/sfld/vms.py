@@ -22,11 +22,11 @@ from typing import Any
 
 from sflib.errors import NotFoundError, OperationTimeout, UsageError, WrongStateError
 from sflib.fork.images import MemoryImage
+from sflib.guest.ready import READY_KEY
 from sflib.net.service import NETWORK_KEY, FamilyNetworks
 from sflib.vm.accel import Accel
 from sflib.vm.machine import Machine
 from sflib.vm.qemu import VMFiles, VMSpec
-from sflib.vm.ready import READY_KEY
 from sflib.xenstore.server import XenStoreServer
 from sflib.xenstore.wire import XenStoreError
 

@@ -14,8 +14,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sflib.guest.bus import XENBUS_PORT
 from sflib.vm.accel import Accel
-from sflib.vm.guestbus import XENBUS_PORT
 
 NIC_ID = "nic0"  # the card's QMP name (set_link)
 VMGENID_ID = "vmgenid0"
@@ -60,7 +60,7 @@ class VMFiles:
 
 # init_on_free=1: the guest kernel zeroes pages as they are freed, not as they are
 # allocated (Debian's kernel zeroes every allocation: INIT_ON_ALLOC_DEFAULT_ON), so
-# the free pages sf-clone takes for the avoidance heuristic (sflib.fork.freepages)
+# the free pages sf-clone takes for the avoidance heuristic (sflib.guest.freepages)
 # are zero already and taking them writes nothing: no fault on the host for pages
 # that are holes in a forked parent's image. The price: the guest zeroes its RAM
 # once as it boots, so the host backs all of a running VM's RAM (the images of its

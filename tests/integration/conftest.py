@@ -233,7 +233,7 @@ def memtap_mounts(under: Path) -> list[str]:
 
 # Guests that run a shell script and report on their console ----------------------
 
-GO = ("until python3 -c \"from sflib.vm.guestbus import open_bus; "
+GO = ("until python3 -c \"from sflib.guest.bus import open_bus; "
       "open_bus().read(b'go')\" 2>/dev/null; do sleep 1; done")  # fmt: skip
 
 

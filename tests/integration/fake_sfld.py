@@ -28,7 +28,7 @@ from sflib.errors import (
     UsageError,
     WrongStateError,
 )
-from sflib.fork import layout
+from sflib.guest import layout
 from sflib.guest.agent import Agent
 from sflib.xenstore.server import XenStoreServer
 from sflib.xenstore.wire import XenStoreError

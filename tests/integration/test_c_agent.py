@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sflib.fork import layout
+from sflib.guest import layout
 from tests.integration.conftest import ROOT
 from tests.integration.fake_sfld import CLONE_ID, CODES, HOME, JOIN_DELAY, Guest, fake_guest
 

@@ -168,7 +168,7 @@ echo "FOREIGN $t"
 """
     + GO
     + """
-go=$(python3 -c "from sflib.vm.guestbus import open_bus as o; print(o().read(b'go').decode())")
+go=$(python3 -c "from sflib.guest.bus import open_bus as o; print(o().read(b'go').decode())")
 sf-clone "$go"
 echo "FOREIGN-USE rc=$?"
 echo SF-DONE

@@ -61,7 +61,7 @@ def test_five_forks_in_a_row_each_see_the_memory_at_their_fork(host: Host) -> No
 
 OVERLAP = """\
 import hashlib, json, os, subprocess, sys, time
-from sflib.fork import api
+from sflib.guest import api
 
 def write(size, offset):
     with open("/tmp/state", "r+b" if offset else "wb") as f:

@@ -1,4 +1,4 @@
-"""The pages sf-clone holds for the avoidance heuristic (sflib.fork.freepages),
+"""The pages sf-clone holds for the avoidance heuristic (sflib.guest.freepages),
 in a real guest: the frames it reports must stay its own until its answer comes,
 whatever the guest's kernel does meanwhile. sfld punches those frames out of the
 frozen image after the pause; a frame that moved would have been handed to
@@ -23,7 +23,7 @@ THP=/sys/kernel/mm/transparent_hugepage
 echo never > $THP/enabled  # small pages for both regions, as a guest low on memory gets
 python3 - <<'PY'
 import mmap, time
-from sflib.fork import freepages
+from sflib.guest import freepages
 THP = "/sys/kernel/mm/transparent_hugepage/"
 size = 40 << 20
 control = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)

@@ -14,8 +14,8 @@ import pytest
 from pyxs import Client
 
 from sflib.errors import SystemFailure, UnreachableError
+from sflib.guest import bus
 from sflib.guest.agent import Agent
-from sflib.vm import guestbus
 from sflib.xenstore.server import XenStoreServer
 from sflib.xenstore.tree import Quotas
 from sflib.xenstore.wire import Op, Packet, PacketDecoder
@@ -171,6 +171,6 @@ def test_the_tools_fall_back_to_the_port_when_the_agents_socket_is_dead(
         dead.bind(str(stale))
     monkeypatch.setenv("XENSTORED_PATH", str(stale))
     monkeypatch.delenv("SF_XENBUS", raising=False)
-    monkeypatch.setattr(guestbus, "PORT_PATH", str(tmp_path / "no-port"))
+    monkeypatch.setattr(bus, "PORT_PATH", str(tmp_path / "no-port"))
     with pytest.raises(UnreachableError, match=r"no XenStore port at .*no-port"):
-        guestbus.open_bus()
+        bus.open_bus()

@@ -24,7 +24,7 @@ import pytest
 import typer
 
 from sflib.cli import GUEST_TOOLS
-from sflib.fork import layout
+from sflib.guest import layout
 from tests.integration.conftest import ROOT
 from tests.integration.fake_sfld import CLONE_ID, CODES, HOME, Guest, fake_guest
 

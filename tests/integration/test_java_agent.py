@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sflib.exitcodes import ExitCode
-from sflib.fork import layout
+from sflib.guest import layout
 from tests.integration.conftest import ROOT
 from tests.integration.fake_sfld import (
     CLONE_ID,

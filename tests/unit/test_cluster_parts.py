@@ -14,8 +14,8 @@ from sflib.cluster.grants import EmbeddedAllocator, Quota, parse_node_map, place
 from sflib.cluster.master import Master
 from sflib.cluster.registry import Registry
 from sflib.errors import AuthError, NotFoundError, SystemFailure, UsageError, WrongStateError
-from sflib.fork import layout
 from sflib.fork.tickets import Ticket
+from sflib.guest import layout
 from sflib.paths import Paths
 from sflib.settings import MASTER_SETTINGS, resolve, to_toml
 

@@ -14,14 +14,14 @@ from types import SimpleNamespace
 import pytest
 
 from sflib.errors import NotFoundError, UsageError, WrongStateError
-from sflib.fork import freepages, layout
 from sflib.fork.engine import ForkEngine
-from sflib.fork.freepages import PAGE, ram_offset
 from sflib.fork.images import MemoryImage
 from sflib.fork.lifecycle import TicketLife
-from sflib.fork.share import CHUNK, chunks
 from sflib.fork.tickets import Clone, CloneState, TicketBook, TicketState
-from sflib.hooks.runner import HookFailed, hooks_in, run_hooks
+from sflib.guest import freepages, layout
+from sflib.guest.freepages import PAGE, ram_offset
+from sflib.guest.hooks import HookFailed, hooks_in, run_hooks
+from sflib.guest.share import CHUNK, chunks
 from sflib.xenstore.server import XenStoreServer
 
 

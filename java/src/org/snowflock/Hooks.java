@@ -19,7 +19,7 @@ import java.util.regex.Pattern;
 
 /**
  * What a fork leaves to the caller, as c/sf-hooks.c does it: the reseed, and in a clone
- * hooks.d/clone-post.d run as sflib.hooks.runner runs them (names matching
+ * hooks.d/clone-post.d run as sflib.guest.hooks runs them (names matching
  * ^[A-Za-z0-9_-]+$, in byte order, executable regular files only; the environment
  * cleared but SF_* and a fixed PATH, SF_HOOKS_EVENT, SF_HOOKS_PHASE and the clone's
  * identity as SF_KEY; stdin /dev/null; 120 s each, then SIGTERM, then SIGKILL after
@@ -28,7 +28,7 @@ import java.util.regex.Pattern;
 final class Hooks {
     static final String DEFAULT_DIR = "/etc/snowflock/hooks.d";
     static final String PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-    static final long TIMEOUT_MS = 120_000; // per hook, as sflib.hooks.runner.TIMEOUT
+    static final long TIMEOUT_MS = 120_000; // per hook, as sflib.guest.hooks.TIMEOUT
     static final long GRACE_MS = 3_000; // from SIGTERM to SIGKILL, as sflib.run.KILL_GRACE
     private static final Pattern NAME = Pattern.compile("^[A-Za-z0-9_-]+$");
     private static final int SEED_MAX = 256; // bytes; sfld sends 32
@@ -99,7 +99,7 @@ final class Hooks {
         return out.toString();
     }
 
-    /** A value as Python's str() gives it (sflib.hooks.runner); nested ones as JSON. */
+    /** A value as Python's str() gives it (sflib.guest.hooks); nested ones as JSON. */
     static String pythonStr(Object v) {
         if (v == null) {
             return "None";

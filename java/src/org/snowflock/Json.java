@@ -6,7 +6,7 @@ import java.util.List;
 import java.util.Map;
 
 /**
- * The JSON of sfld's messages (sflib/fork/layout.py), both ways: objects as ordered maps,
+ * The JSON of sfld's messages (sflib/guest/layout.py), both ways: objects as ordered maps,
  * arrays as lists, strings, {@link Num} (the number's text, as it came), booleans, and
  * null. Written the way Python's json.dumps writes (", " and ": "), as libsnowflock does.
  */

@@ -146,7 +146,7 @@ public final class SnowFlock {
     }
 
     /**
-     * As sflib.fork.api.request: watch the reply key first and take the watch's initial
+     * As sflib.guest.api.request: watch the reply key first and take the watch's initial
      * event, so that no reply comes unseen; write the request; on each event read the
      * reply key until it holds a value (an event may come before it); remove it.
      */

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sflib.vm.guestbus import open_bus
+from sflib.guest.bus import open_bus
 
 READY_KEY = b"snowflock/ready"
 

@@ -27,9 +27,9 @@ from typing import Any, NoReturn
 from pyxs import Client, PyXSError
 
 from sflib.errors import SnowFlockError
-from sflib.fork import freepages, layout
-from sflib.hooks.runner import run_hooks
-from sflib.vm.guestbus import check_reachable, open_bus
+from sflib.guest import freepages, layout
+from sflib.guest.bus import check_reachable, open_bus
+from sflib.guest.hooks import run_hooks
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def clone(ticket: str, hooks_dir: str | None = None, avoidance: bool = True) -> 
     """0 in the parent; in each clone its ID, after hooks.d/clone-post.d ran.
 
     With avoidance, the guest's free pages are taken and reported first, so that
-    clones never fetch them (sflib.fork.freepages)."""
+    clones never fetch them (sflib.guest.freepages)."""
     check_reachable()  # before the free pages are taken
     with _free_pages(avoidance) as report:
         result = request("clone", ticket=ticket, **report)

@@ -19,7 +19,7 @@ from sflib.errors import SnowFlockError, UsageError
 REQUESTS = "snowflock/requests"
 REPLIES = "snowflock/replies"
 IDENTITY = "snowflock/identity"  # {"id", "family", "ticket", ...}, written by sfld
-FREEPAGES = "snowflock/freepages"  # <key>/<i>, <key>/chunks: sflib.fork.freepages
+FREEPAGES = "snowflock/freepages"  # <key>/<i>, <key>/chunks: sflib.guest.freepages
 FREEPAGES_KEY = re.compile(r"^snowflock/freepages/[0-9a-f]{1,32}$")
 SHARE = "snowflock/share"  # in the parent's domain: <ticket>/<clone id>/<key>
 OPS = ("ticket", "clone", "checkpoint", "create_clones", "exit", "join", "kill", "link")

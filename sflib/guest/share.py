@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pyxs import Client, PyXSError
 
 from sflib.errors import NotFoundError, SystemFailure, UsageError
-from sflib.fork import layout
-from sflib.fork.api import identity
-from sflib.vm.guestbus import open_bus
+from sflib.guest import layout
+from sflib.guest.api import identity
+from sflib.guest.bus import open_bus
 
 log = logging.getLogger(__name__)
 

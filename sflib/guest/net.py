@@ -1,7 +1,7 @@
 """The guest's side of a family network: a clone asks sfld to bring its card's
 link up once hooks.d/clone-post.d/10-network has given it its own identity.
 
-    python3 -m sflib.net.guest link-up
+    python3 -m sflib.guest.net link-up
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 
 from sflib.errors import SnowFlockError
-from sflib.fork.api import request
+from sflib.guest.api import request
 
 
 def main(argv: list[str]) -> int:
     if argv != ["link-up"]:
-        print("usage: python3 -m sflib.net.guest link-up", file=sys.stderr)
+        print("usage: python3 -m sflib.guest.net link-up", file=sys.stderr)
         return 2
     try:
         request("link", up=True)

@@ -1,1 +1,0 @@
-"""hooks.d: drop-in scripts run in a clone after cloning (Ganeti's hooks contract)."""
