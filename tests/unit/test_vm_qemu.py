@@ -55,8 +55,8 @@ def test_xenstore_port_name_and_kernel_line() -> None:
     assert "virtserialport,bus=vser.0,chardev=xenbus,name=org.snowflock.xenbus" in opt(
         argv, "-device"
     )
-    assert kernel_cmdline(spec()) == "console=ttyS0 panic=-1"
-    assert opt(argv, "-append") == ['console=ttyS0 panic=-1 sf.run="x y"']
+    assert kernel_cmdline(spec()) == "console=ttyS0 panic=-1 init_on_free=1"  # free pages are zero
+    assert opt(argv, "-append") == ['console=ttyS0 panic=-1 init_on_free=1 sf.run="x y"']
     assert show(["a", "b c"]) == "a 'b c'"
 
 
@@ -64,7 +64,7 @@ def test_accel_and_cpu_follow_the_choice() -> None:
     kvm = qemu_argv("qemu", spec(accel=Accel.KVM), FILES)
     assert opt(kvm, "-accel") == ["kvm"] and opt(kvm, "-cpu") == ["host"]
     tcg = qemu_argv("qemu", spec(), FILES)
-    assert opt(tcg, "-accel") == ["tcg"] and opt(tcg, "-cpu") == ["max"]
+    assert opt(tcg, "-accel") == ["tcg"] and opt(tcg, "-cpu") == ["max,-erms"]  # no ERMS
 
 
 def fake_qemu(tmp_path: Path, body: str) -> str:
