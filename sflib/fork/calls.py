@@ -43,6 +43,7 @@ class Calls:
         self.checkpoint_dir = checkpoint_dir
         self.life = life
         self.book = life.book
+        self.joining: set[str] = set()  # tickets an sf-join waits for: one join each
         self.local = local
         self.remote = remote
         self.hosted = hosted
@@ -116,8 +117,14 @@ class Calls:
 
     async def join(self, vm: VM, request: layout.Request) -> Any:
         ticket = self._ended_by_parent(vm, request, "sf-join")
-        await self.life.finished[ticket.id].wait()
-        await self.life.end(ticket)
+        if ticket.id in self.joining:  # as waitpid: one waiter gets the statuses
+            raise WrongStateError(f"ticket {ticket.id} was already joined or killed")
+        self.joining.add(ticket.id)
+        try:
+            await self.life.finished[ticket.id].wait()
+            await self.life.end(ticket)
+        finally:
+            self.joining.discard(ticket.id)
         return ticket.to_json()
 
     async def kill(self, vm: VM, request: layout.Request) -> Any:

@@ -207,6 +207,9 @@ echo "CLONES-UP $t"
     + """
 echo "KILLED $(sf-kill "$t") rc=$?"
 echo KILL-RETURNED
+"""
+    + GO.replace("b'go'", "b'go1'")  # the test looks at h2 and h3 before the next ticket
+    + """
 sf-join "$t"; echo "JOIN-AFTER-KILL rc=$?"
 sf-kill "$t"; echo "KILL-AGAIN rc=$?"
 u=$(sf-ticket 2)
@@ -247,6 +250,7 @@ def test_sf_kill_ends_clones_on_other_hosts(cluster: Cluster) -> None:
         assert host.vm_json("memory")["taps"] == []
     assert re.search(r"^KILLED 1 2 rc=0$", out, re.M), out[-2000:]
     assert set(clone_states(h1, ticket).values()) == {("h2", "killed"), ("h3", "killed")}
+    h1.xenstore("xenstore-write", f"/local/domain/{info['domid']}/go1", "1")
     out = console(h1, "boss", "SECOND-UP")
     assert "JOIN-AFTER-KILL rc=4" in out and "KILL-AGAIN rc=4" in out
     second = re.search(r"^SECOND-UP (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
