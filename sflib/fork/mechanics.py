@@ -57,10 +57,13 @@ async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: boo
     """
     image_path = vms.memory_dir / f"{checkpoint_id}.mem"
     ram = vm.machine.spec.memory_mib << 20
+    before = _Steps()
     plan = dataclasses.replace(await _plan(vms, vm, image_path),
                                free=freepages.file_runs(free, ram))  # fmt: skip
+    before.done("plan")
     try:
         new = await _start_next(vms, vm, plan.target)
+        before.done("next QEMU")
     except BaseException:
         if not plan.in_place and plan.base is not None:
             plan.target.unlink(missing_ok=True)
@@ -74,6 +77,7 @@ async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: boo
     ckpt.pause_ms = round((resumed - started) * 1000, 1)
     ckpt.finishing = image.settling = asyncio.create_task(_settle(ckpt, plan.free, written))
     vms.retire(old)  # its exit unmaps all it touched: not part of the pause
+    log.debug("%s: before the pause: %s", old.spec.name, before)
     return ckpt
 
 
@@ -179,6 +183,9 @@ def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> list[tuple[int, i
     # The guest's free pages (sf-clone holds them, zeroed, and nobody reads them) are
     # punched after the pause: copying them would cost the most, for nothing.
     written = images.subtract(runs, plan.free)
+    changed = sum(count for _, count in runs)
+    log.debug("%d pages changed since the last fork, %d of them reported free", changed,
+              changed - sum(count for _, count in written))  # fmt: skip
     images.write_runs(pid, start, written, plan.target)
     if plan.in_place:
         plan.base.free_map.unlink(missing_ok=True)  # it marked pages of the last fork
@@ -275,7 +282,9 @@ async def _settle(ckpt: Checkpoint, free: list[tuple[int, int]],
     the pause would lengthen it). Never raises."""
     await _mark_free(ckpt, free)
     try:
-        await asyncio.to_thread(images.punch_zeros, ckpt.image.path, written)
+        zeros = await asyncio.to_thread(images.punch_zeros, ckpt.image.path, written)
+        log.debug("%s: %d of the %d pages written were zeros: punched", ckpt.owner, zeros,
+                  sum(count for _, count in written))  # fmt: skip
     except SystemFailure as e:
         log.warning("%s: zero pages kept: %s", ckpt.owner, e)
 

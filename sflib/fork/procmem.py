@@ -82,10 +82,22 @@ def own_runs(pid: int, start: int, end: int) -> list[tuple[int, int]]:
 
 
 def _append(runs: list[tuple[int, int]], first: int, count: int) -> None:
-    if runs and runs[-1][0] + runs[-1][1] == first:  # a run cut where a call stopped
-        runs[-1] = (runs[-1][0], runs[-1][1] + count)
-    else:
-        runs.append((first, count))
+    """Add a region the scan found after the last. A call that fills its vector
+    can end its walk (walk_end) before regions it already returned, and the next
+    call returns them again (Linux 6.18: hundreds of pages in 256 MiB): a page is
+    kept once, or it would be copied twice in the pause."""
+    if runs:
+        last_first, last_count = runs[-1]
+        last_end = last_first + last_count
+        if first < last_end:  # seen already, in part or whole
+            count -= last_end - first
+            first = last_end
+            if count <= 0:
+                return
+        if first == last_end:  # a run cut where a call stopped
+            runs[-1] = (last_first, last_count + count)
+            return
+    runs.append((first, count))
 
 
 def copy_runs(pid: int, start: int, runs: list[tuple[int, int]], image: Path) -> None:

@@ -104,6 +104,46 @@ def test_written_pages_go_into_the_image_and_the_mapping_sees_the_same(
     assert data[8 * PAGE : 9 * PAGE] == b"\x09" * PAGE  # read, not written: unchanged
 
 
+MANY_RUNS = """
+import mmap, sys
+f = open(sys.argv[1], "r+b")
+m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+for page in range(0, len(m) // 4096, 3):  # a run of one page in every three
+    m[page * 4096] = 1
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_scan_of_more_runs_than_one_call_returns_finds_each_page_once() -> None:
+    """PAGEMAP_SCAN returns 4096 regions a call; the next call may return some of
+    the last again (Linux 6.18 did, 342 of 21846): each page must be found once,
+    as the page map has it, or the pause copies it twice."""
+    path = SHM / f"sf-test-{os.getpid()}-many.mem"
+    pages = 256 << 8  # 256 MiB: 21846 runs
+    with path.open("wb") as f:
+        f.truncate(pages * PAGE)
+    proc = subprocess.Popen([sys.executable, "-c", MANY_RUNS, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "ready\n"
+        start, end = images.mapping_of(proc.pid, path)
+        with open(f"/proc/{proc.pid}/pagemap", "rb") as pagemap:
+            pagemap.seek(start // PAGE * 8)
+            expected = images.own_page_runs(pagemap.read(pages * 8))
+        try:
+            found = procmem.own_runs(proc.pid, start, end)
+        except procmem.Unsupported as e:
+            pytest.skip(f"no PAGEMAP_SCAN here: {e}")
+    finally:
+        proc.kill()
+        proc.wait()
+        path.unlink(missing_ok=True)
+    assert len(expected) == (pages + 2) // 3 > procmem.SCAN_REGIONS * 5
+    assert found == expected
+
+
 def test_only_the_zero_pages_of_the_runs_are_punched(image: Path) -> None:
     with image.open("r+b") as f:
         f.truncate(1024 * PAGE)
