@@ -303,11 +303,13 @@ int sff_take(struct sff_held *h, char *why, size_t size)
 
 void sff_release(struct sff_held *h)
 {
+    double start = now_ms();
     struct sfx x;
 
     if (h->region && munmap(h->region, h->size) < 0)
         perror("snowflock: munmap of the free pages"); /* they stay taken until exit */
     h->region = NULL;
+    h->released_ms = now_ms() - start;
     if (h->key[0] && sfx_open(&x) == 0) { /* a report sfld did not take (it refused early) */
         if (sfx_rm(&x, h->key) < 0 && errno != ENOENT)
             fprintf(stderr, "snowflock: free-page report %s not removed: %s\n", h->key,

@@ -20,7 +20,7 @@ struct sff_held {
     size_t nruns, pages;
     int lock_fd;   /* holding SFF_LOCK, or -1 */
     char key[SFF_KEY_MAX]; /* the report's XenStore key once written, else "" */
-    double took_ms, encoded_ms, written_ms; /* for --debug */
+    double took_ms, encoded_ms, written_ms, released_ms; /* for --debug */
     size_t chunks;
 };
 
@@ -30,7 +30,9 @@ struct sff_held {
  * without a report). Whatever it returns, sff_release(h) afterwards. */
 SF_INTERNAL int sff_take(struct sff_held *h, char *why, size_t size);
 
-/* Gives the pages back, drops the lock, and removes the report if sfld left it. */
+/* Gives the pages back, drops the lock, and removes the report if h->key is still
+ * set: the caller clears it once sfld has answered (sfld removes every report it
+ * is sent, whatever its answer). */
 SF_INTERNAL void sff_release(struct sff_held *h);
 
 /* The pure parts, for sf-unittest.c: (first, count) runs of n sorted-or-not frame

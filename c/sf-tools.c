@@ -154,7 +154,11 @@ static int fork_vm(const struct sfa_line *line, const char *op, const char *tick
     }
     (void)fflush(NULL); /* else every clone would write the buffered output again */
     rc = sfc_request(op, args, nargs, &result, why, sizeof why);
+    if (rc >= 0)
+        held.key[0] = '\0'; /* sfld took the report: no round trip to remove it */
     sff_release(&held); /* in the parent and in every clone */
+    if (held.pages)
+        sfa_log(SFA_DEBUG, "free pages given back in %.0f ms", held.released_ms);
     if (rc < 0)
         sfa_fail(-rc, "%s", why);
     rc = sfp_fork(&result, &seed, checkpoint ? &name : NULL);

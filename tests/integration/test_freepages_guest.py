@@ -58,3 +58,36 @@ def test_held_free_pages_stay_put_while_khugepaged_collapses(host: Host) -> None
     assert int(held.group(1)) > 4096, out[-3000:]  # what 40 MiB left of 256 MiB's free memory
     assert int(held.group(2)) == 0, f"{held.group(2)} held frames moved: {out[-3000:]}"
     assert int(control.group(2)) > 0, f"khugepaged moved nothing: {out[-3000:]}"
+
+
+# sf-clone gives its pages back before it returns, in the parent and in the clone
+# (which exits 1 if they were not back), and leaves no process behind.
+GIVE_BACK = r"""
+available() { awk '/^MemAvailable/ { print $2 }' /proc/meminfo; }
+before=$(available)
+t=$(sf-ticket 1)
+id=$(sf-clone --debug --avoidance "$t" 2>/tmp/err)
+after=$(available)
+taken=$(sed -n 's/.*free pages: \([0-9]*\) taken.*/\1/p' /tmp/err)
+grep -q "free pages given back in" /tmp/err && back=1 || back=0
+left=$(ps -o comm | grep -c '^sf-clone')
+if [ "$id" = 0 ]; then
+  echo "PARENT taken $taken back $back before $before after $after left $left"
+  sf-join "$t" | sed 's/^/JOINED /'; echo SF-DONE
+else
+  [ "$back" = 1 ] && [ "$left" = 0 ] && [ "$after" -ge $((before - 16384)) ]
+  sf-exit $?
+fi
+"""
+
+
+def test_sf_clone_has_given_the_free_pages_back_when_it_returns(host: Host) -> None:
+    boot(host, "back", GIVE_BACK)
+    out = console(host, "back")
+    parent = re.search(r"^PARENT taken (\d+) back (\d) before (\d+) after (\d+) left (\d+)$",
+                       out, re.M)  # fmt: skip
+    assert parent, out[-3000:]
+    taken, back, before, after, left = (int(g) for g in parent.groups())
+    assert taken > 8192 and back == 1, out[-3000:]  # a 256 MiB guest has 32+ MiB free
+    assert after >= before - 16384 and left == 0, out[-3000:]  # 16 MiB: the kernel's own
+    assert "JOINED 1 exited 0" in out, out[-3000:]  # the same in the clone
