@@ -140,6 +140,13 @@ SFLD_SETTINGS: tuple[Setting, ...] = (
         ("local", "memtap"),
     ),
     Setting(
+        "standby",
+        bool,
+        lambda p: True,
+        "Start each VM's next QEMU before its next fork (once it is ready, and after "
+        "each fork), so that sf-clone does not wait for it; costs a paused QEMU per VM.",
+    ),
+    Setting(
         "memserver_listen",
         str,
         lambda p: "127.0.0.1:0",

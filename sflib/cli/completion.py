@@ -33,6 +33,8 @@ def _value_completion(param: click.Parameter) -> str:
         return "-W " + _quote(" ".join(str(c) for c in param.type.choices))
     if isinstance(param.type, click.Path):
         return "-d" if param.type.dir_okay and not param.type.file_okay else "-f"
+    if isinstance(param.type, click.types.BoolParamType) and not getattr(param, "is_flag", False):
+        return "-W 'true false'"
     return ""
 
 

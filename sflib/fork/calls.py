@@ -25,6 +25,7 @@ from sflib.fork.messages import clone_reply
 from sflib.fork.network import CloneNetworks
 from sflib.fork.remote import RemoteClones
 from sflib.fork.requests import NO_REPLY, Handler, RequestQueue
+from sflib.fork.standby import Standbys
 from sflib.fork.tickets import CloneState, Ticket, TicketState
 from sflib.guest import freepages, layout
 from sflib.guest.share import read_chunks
@@ -38,8 +39,9 @@ class Calls:
     def __init__(self, vms: VMTable, life: TicketLife, local: LocalClones,
                  requests: RequestQueue, remote: RemoteClones | None, hosted: HostedClones | None,
                  network: CloneNetworks | None, cluster: ClusterLink | None,
-                 checkpoint_dir: Path) -> None:  # fmt: skip
+                 checkpoint_dir: Path, standbys: Standbys) -> None:  # fmt: skip
         self.vms = vms
+        self.standbys = standbys
         self.checkpoint_dir = checkpoint_dir
         self.life = life
         self.book = life.book
@@ -88,6 +90,7 @@ class Calls:
         log.debug("%s: sf-clone answered %.1f ms after its request", vm.machine.spec.name,
                   (time.perf_counter() - started) * 1000)  # fmt: skip
         await self._spawn(vm, ckpt, ticket, {})
+        self.standbys.prepare(vm)  # for the next fork, once this one's clones started
         return NO_REPLY
 
     async def checkpoint(self, vm: VM, request: layout.Request) -> Any:
@@ -95,6 +98,7 @@ class Calls:
         async with self._forking(vm):
             ckpt = await self._checkpoint(vm, request.rid, named=True, free=free)
         self.life.checkpoints[ckpt.id] = ckpt
+        self.standbys.prepare(vm)
         await ckpt.ready()
         ckpt.write_manifest()
         return clone_reply(0, {"checkpoint": ckpt.id})
@@ -180,7 +184,7 @@ class Calls:
         ckpt_id = f"{'c' if named else 'k'}{self._serial}-{secrets.token_hex(3)}"
         ckpt = await mechanics.checkpoint_parent(self.vms, vm, ckpt_id, named,
                                                  self.checkpoint_dir / ckpt_id,
-                                                 free)  # fmt: skip
+                                                 free, self.standbys)  # fmt: skip
         ckpt.rid = rid
         log.info("%s paused %.1f ms for checkpoint %s (%d free pages)", vm.machine.spec.name,
                  ckpt.pause_ms, ckpt.id, sum(count for _, count in free))  # fmt: skip

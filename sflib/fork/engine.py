@@ -27,6 +27,7 @@ from sflib.fork.local import LocalClones
 from sflib.fork.network import CloneNetworks
 from sflib.fork.remote import RemoteClones
 from sflib.fork.requests import RequestQueue
+from sflib.fork.standby import Standbys
 from sflib.fork.tickets import TicketBook
 from sflib.memory.service import MemoryService
 from sflib.sfld.vms import VM, VMTable
@@ -57,8 +58,9 @@ class ForkEngine:
         self.requests = RequestQueue(vms, self.hosted.on_share if self.hosted else None)
         self.local = LocalClones(vms, self.requests, self.here, self.network, memory, tapped)
         self.life = TicketLife(book, self.local, self.remote, cluster)
+        self.standbys = Standbys(vms, bool(vms.settings.get("standby", True)))
         self.calls = Calls(vms, self.life, self.local, self.requests, self.remote, self.hosted,
-                           self.network, cluster, checkpoint_dir)  # fmt: skip
+                           self.network, cluster, checkpoint_dir, self.standbys)  # fmt: skip
         self.book = book
         self.requests.serve(self.calls.table())
         self._peer: dict[str, PeerCall] = {
@@ -70,6 +72,7 @@ class ForkEngine:
             "share.put": self._share_put,
         }
         vms.on_end.append(self._vm_ended)
+        vms.on_ready.append(self.standbys.prepare)
 
     @property
     def checkpoints(self) -> dict[str, Any]:
@@ -78,6 +81,7 @@ class ForkEngine:
     async def _vm_ended(self, vm: VM) -> None:
         name = vm.machine.spec.name
         self.calls.busy.discard(name)
+        await self.standbys.drop(name)
         await self.local.untap(name)
         if self.network is not None and vm.network is not None:
             self.network.forget(vm.network)

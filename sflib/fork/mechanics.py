@@ -1,7 +1,8 @@
 """The steps of a fork, on QEMU (DESIGN §2).
 
-checkpoint_parent: the VM's next QEMU starts first (paused, waiting for state),
-then the pause holds only what must be atomic: stop, save the device state, take
+checkpoint_parent: the VM's next QEMU starts first (paused, waiting for state;
+sflib.fork.standby starts it before the fork is asked for), then the pause holds
+only what must be atomic: stop, save the device state, take
 the XenStore snapshot, freeze the memory image (sflib.fork.images: a rename the
 first time, the pages written since the last fork after that), load the state
 into the next QEMU and continue there. It maps the image privately
@@ -24,6 +25,7 @@ from sflib.errors import SystemFailure
 from sflib.fork import images
 from sflib.fork.checkpoint import Checkpoint, machine_of
 from sflib.fork.images import MemoryImage
+from sflib.fork.standby import Standbys, start_next
 from sflib.guest import freepages, layout
 from sflib.memory import tap
 from sflib.sfld.vms import VM, VMState, VMTable
@@ -47,11 +49,13 @@ class _Plan:
 
 
 async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: bool, dir: Path,
-                            free: list[tuple[int, int]]) -> Checkpoint:  # fmt: skip
+                            free: list[tuple[int, int]],
+                            standbys: Standbys) -> Checkpoint:  # fmt: skip
     """Freeze vm into a new checkpoint (its image <checkpoint_id>.mem, its files in
-    dir) and let vm go on in a new QEMU; ckpt.pause_ms says how long it was paused.
-    free: page frames the guest reported free (sflib.guest.freepages): never copied,
-    and marked in the image after the pause (await ckpt.ready() before cloning).
+    dir) and let vm go on in a new QEMU (its standby where it has a usable one);
+    ckpt.pause_ms says how long it was paused. free: page frames the guest reported
+    free (sflib.guest.freepages): never copied, and marked in the image after the
+    pause (await ckpt.ready() before cloning).
 
     On failure vm runs on as before. Raises SnowFlockError.
     """
@@ -62,8 +66,11 @@ async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: boo
                                free=freepages.file_runs(free, ram))  # fmt: skip
     before.done("plan")
     try:
-        new = await _start_next(vms, vm, plan.target)
-        before.done("next QEMU")
+        new = await standbys.take(vm, plan.target)
+        before.done("standby" if new is not None else "no standby")
+        if new is None:
+            new = await start_next(vms, vm, plan.target)
+            before.done("next QEMU")
     except BaseException:
         if not plan.in_place and plan.base is not None:
             plan.target.unlink(missing_ok=True)
@@ -96,25 +103,6 @@ async def _plan(vms: VMTable, vm: VM, image_path: Path) -> _Plan:
              ", ".join(sorted(base.users - {name})) if base else "another host")  # fmt: skip
     await asyncio.to_thread(images.copy_image, m.files.memory, image_path)
     return _Plan(base, m.files.memory, image_path, in_place=False)
-
-
-async def _start_next(vms: VMTable, vm: VM, memory: Path) -> Machine:
-    """vm's next QEMU, started and paused, waiting for state; its XenStore channel
-    is held until it takes over. Raises SnowFlockError (and leaves nothing)."""
-    old = vm.machine
-    files = dataclasses.replace(vms.files(old.spec.name, vm.generation + 1), memory=memory,
-                                owns_memory=False, extra={})  # fmt: skip
-    spec = dataclasses.replace(old.spec, incoming="defer", share_memory=False)  # same tap
-    new = Machine(old.qemu, spec, files, vms.bus, old.qemu_log)
-    new.hold_bus = True
-    try:
-        await new.start()
-        await new.wait_bus()
-        await new.expect_state()  # one QMP round trip less in the pause
-    except BaseException:
-        await new.stop()
-        raise
-    return new
 
 
 async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: Path,

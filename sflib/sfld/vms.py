@@ -129,6 +129,7 @@ class VMTable:
         self.run_dir = Path(settings["run_dir"])
         self.memory_dir = Path(settings["memory_dir"])
         self.on_end: list[Callable[[VM], Awaitable[None]]] = []  # e.g. the fork engine
+        self.on_ready: list[Callable[[VM], None]] = []  # a booted VM is ready
         self.images: dict[str, MemoryImage] = {}  # the frozen image a VM maps, if any
         self.network: FamilyNetworks | None = None  # set when VMs get cards
         self._retiring: set[asyncio.Task[None]] = set()
@@ -267,6 +268,8 @@ class VMTable:
                 vm.boot_to_ready = round(time.time() - vm.started, 3)
                 vm.ready.set()
                 log.info("VM %s ready after %.2f s", vm.machine.spec.name, vm.boot_to_ready)
+                for callback in self.on_ready:
+                    callback(vm)
 
     async def _supervise(self, vm: VM) -> None:
         """Stop a VM that is not ready in time; clean up whenever QEMU exits."""

@@ -16,7 +16,7 @@ import pytest
 
 from sflib.image import build as image
 from sflib.image.overlay import overlay
-from tests.integration.conftest import Cluster, Host, boot, console, running_cluster
+from tests.integration.conftest import Cluster, Host, boot, console, qemu_processes, running_cluster
 
 pytestmark = pytest.mark.vm
 
@@ -57,6 +57,15 @@ def test_five_forks_in_a_row_each_see_the_memory_at_their_fork(host: Host) -> No
     assert len(images) == 1, images
     # Sparse: the image holds what the guest touched, not 5 forks' worth of RAM.
     assert images[0].stat().st_blocks * 512 < 256 << 20
+    # Each fork went on in the QEMU started before it was asked for (sfld --standby),
+    # and the next one waits: the VM's QEMU and its standby, which stops with it.
+    assert len(re.findall(r"rounds: goes on in its standby QEMU", log)) == 5
+    deadline = time.monotonic() + 60
+    while len(qemu_processes(host.memory_dir)) != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # the last fork's standby is started once its clones are
+    assert len(qemu_processes(host.memory_dir)) == 2, qemu_processes(host.memory_dir)
+    host.tool("sf-vm", "stop", "rounds")
+    assert host.leftovers() == []
 
 
 OVERLAP = """\
@@ -143,8 +152,10 @@ def overlap_image(guest_image: image.Result, tmp_path: Path) -> Path:
 def test_a_fork_while_the_last_ones_clones_run(host: Host, overlap_image: Path) -> None:
     overlapping_forks(host, overlap_image, n1=6)
     log = host.log.read_text()
-    # The first fork's clones still mapped its image: the second one is a copy.
+    # The first fork's clones still mapped its image: the second one is a copy, and
+    # the standby QEMU, which maps the image the clones map, is not used.
     assert "over: copying memory image" in log
+    assert "over: standby QEMU not used" in log
 
 
 @pytest.mark.timeout(1800)  # three hosts' VMs under TCG

@@ -117,7 +117,7 @@ def test_a_failing_pre_hook_aborts(tmp_path: Path) -> None:
 
 async def test_a_second_fork_of_the_same_vm_is_refused(tmp_path: Path) -> None:
     table = SimpleNamespace(
-        bus=XenStoreServer(), on_end=[], network=None, settings={"host_name": "h1"}
+        bus=XenStoreServer(), on_end=[], on_ready=[], network=None, settings={"host_name": "h1"}
     )
     engine = ForkEngine(table, 4, tmp_path)  # type: ignore[arg-type]
     vm = SimpleNamespace(machine=SimpleNamespace(spec=SimpleNamespace(name="web")))
