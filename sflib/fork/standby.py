@@ -63,6 +63,9 @@ class Standbys:
         name = vm.machine.spec.name
         if not self.enabled or name in self._next or not vm.machine.running:
             return
+        image = self.vms.images.get(name)
+        if image is not None and not image.owned:  # a clone through memtap: forks copy
+            return
         memory = vm.machine.files.memory
         self._next[name] = asyncio.create_task(start_next(self.vms, vm, memory),
                                                name=f"standby-{name}")  # fmt: skip

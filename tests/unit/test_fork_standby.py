@@ -13,6 +13,8 @@ import pytest
 from sflib.fork import standby
 from sflib.fork.standby import Standbys
 
+VMS = SimpleNamespace(images={})  # no VM maps a frozen image
+
 
 class FakeMachine:
     def __init__(self, memory: Path) -> None:
@@ -44,7 +46,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[FakeMachine]:
 
 
 async def test_a_fork_takes_the_standby_that_maps_what_it_freezes(started: list[Any]) -> None:
-    standbys = Standbys(None, enabled=True)  # type: ignore[arg-type]
+    standbys = Standbys(VMS, enabled=True)  # type: ignore[arg-type]
     web = vm(Path("/m/web.mem"))
     standbys.prepare(web)
     standbys.prepare(web)  # one at a time
@@ -54,7 +56,7 @@ async def test_a_fork_takes_the_standby_that_maps_what_it_freezes(started: list[
 
 
 async def test_a_standby_mapping_another_file_is_stopped_not_used(started: list[Any]) -> None:
-    standbys = Standbys(None, enabled=True)  # type: ignore[arg-type]
+    standbys = Standbys(VMS, enabled=True)  # type: ignore[arg-type]
     web = vm(Path("/m/k1.mem"))
     standbys.prepare(web)
     assert await standbys.take(web, Path("/m/k2.mem")) is None  # the fork copies the image
@@ -62,7 +64,7 @@ async def test_a_standby_mapping_another_file_is_stopped_not_used(started: list[
 
 
 async def test_a_dead_standby_is_not_used(started: list[Any]) -> None:
-    standbys = Standbys(None, enabled=True)  # type: ignore[arg-type]
+    standbys = Standbys(VMS, enabled=True)  # type: ignore[arg-type]
     web = vm(Path("/m/web.mem"))
     standbys.prepare(web)
     await asyncio.sleep(0.05)
@@ -75,14 +77,14 @@ async def test_a_standby_that_failed_to_start_is_not_used(monkeypatch: pytest.Mo
         raise RuntimeError("no QEMU")
 
     monkeypatch.setattr(standby, "start_next", failing)
-    standbys = Standbys(None, enabled=True)  # type: ignore[arg-type]
+    standbys = Standbys(VMS, enabled=True)  # type: ignore[arg-type]
     web = vm(Path("/m/web.mem"))
     standbys.prepare(web)
     assert await standbys.take(web, Path("/m/web.mem")) is None
 
 
 async def test_the_standby_stops_with_its_vm(started: list[Any]) -> None:
-    standbys = Standbys(None, enabled=True)  # type: ignore[arg-type]
+    standbys = Standbys(VMS, enabled=True)  # type: ignore[arg-type]
     standbys.prepare(vm(Path("/m/a.mem"), "a"))
     standbys.prepare(vm(Path("/m/b.mem"), "b"))
     await asyncio.sleep(0.05)
@@ -94,8 +96,16 @@ async def test_the_standby_stops_with_its_vm(started: list[Any]) -> None:
     await standbys.drop("nobody")
 
 
+async def test_no_standby_for_a_clone_through_memtap(started: list[Any]) -> None:
+    vms = SimpleNamespace(images={"web-1": SimpleNamespace(owned=False)})
+    standbys = Standbys(vms, enabled=True)  # type: ignore[arg-type]
+    standbys.prepare(vm(Path("/m/tap/k1.mem"), "web-1"))  # its forks copy the image
+    await asyncio.sleep(0.05)
+    assert started == []
+
+
 async def test_no_standby_when_the_setting_is_off(started: list[Any]) -> None:
-    standbys = Standbys(None, enabled=False)  # type: ignore[arg-type]
+    standbys = Standbys(VMS, enabled=False)  # type: ignore[arg-type]
     web = vm(Path("/m/web.mem"))
     standbys.prepare(web)
     assert await standbys.take(web, Path("/m/web.mem")) is None
