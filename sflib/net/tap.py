@@ -17,6 +17,8 @@ import struct
 from sflib.errors import SystemFailure
 
 TUNSETIFF = 0x400454CA
+TUNGETVNETHDRSZ = 0x800454D7
+TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -37,3 +39,21 @@ def open_tap(name: str) -> int:
         os.close(fd)
         raise SystemFailure(f"cannot create tap {name}: {e.strerror}") from e
     return fd
+
+
+def vnet_header_size(fd: int) -> int:
+    """The size of the virtio-net header the tap's reader and writer use: a QEMU
+    sets it when its card is made, and again when it loads a card's state. Raises
+    SystemFailure."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, TUNGETVNETHDRSZ, bytes(4)))[0])
+    except OSError as e:
+        raise SystemFailure(f"cannot read the tap's virtio-net header size: {e.strerror}") from e
+
+
+def set_vnet_header_size(fd: int, size: int) -> None:
+    """Raises SystemFailure."""
+    try:
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", size))
+    except OSError as e:
+        raise SystemFailure(f"cannot set the tap's virtio-net header size: {e.strerror}") from e
