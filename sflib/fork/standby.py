@@ -11,11 +11,11 @@ date in place. A fork that must copy the image instead (clones or checkpoints
 still map it) cannot use it: the standby is stopped and the fork starts its next
 QEMU as before.
 
-A new QEMU resets the header size of the tap it shares with the running one (see
-start_next), which sfld puts back once it is up: until then, for the 45-180 ms the
-QEMU takes to start, the VM's frames are cut wrong and lost (TCP sends them again).
-QEMU's tap set-up may turn the tap's offloads off too; the host then checksums and
-segments frames itself (right, if slower) until a fork's QEMU loads the card's state.
+A new QEMU resets the header size of the tap it shares with the running one, which
+sfld puts back within about a millisecond (sflib.net.tap.HeaderKeeper): frames in
+that window are lost (TCP sends them again). QEMU's tap set-up may turn the tap's
+offloads off too; the host then checksums and segments frames itself (right, if
+slower) until a fork's QEMU loads the card's state.
 
 A standby costs a QEMU process that runs no guest code, and its two sockets; it
 stops with its VM and dies with sfld (run.spawn's parent-death signal). Clones get
@@ -47,16 +47,12 @@ async def start_next(vms: VMTable, vm: VM, memory: Path) -> Machine:
     spec = dataclasses.replace(old.spec, incoming="defer", share_memory=False)  # same tap
     new = Machine(old.qemu, spec, files, vms.bus, old.qemu_log)
     new.hold_bus = True
-    header = tap.vnet_header_size(spec.nic.fd) if spec.nic is not None else None
+    keeper = tap.HeaderKeeper(spec.nic.fd) if spec.nic is not None else None
     try:
-        await new.start()
-        if spec.nic is not None and header is not None:
-            # A new QEMU sets the shared tap's header size to its new card's (10
-            # bytes), under the QEMU that runs the guest (12 once it negotiated
-            # VERSION_1): every frame would then be cut wrong both ways.
-            tap.set_vnet_header_size(spec.nic.fd, header)
-        await new.wait_bus()
-        await new.expect_state()  # one QMP round trip less in the pause
+        with keeper or contextlib.nullcontext():  # until its machine is made, wholly
+            await new.start()
+            await new.wait_bus()
+            await new.expect_state()  # one QMP round trip less in the pause
     except BaseException:
         await new.stop()
         raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import threading
 
 from sflib.errors import SystemFailure
 
@@ -57,3 +58,39 @@ def set_vnet_header_size(fd: int, size: int) -> None:
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", size))
     except OSError as e:
         raise SystemFailure(f"cannot set the tap's virtio-net header size: {e.strerror}") from e
+
+
+class HeaderKeeper:
+    """Keeps a tap's virtio-net header size while a new QEMU starts on it: QEMU
+    sets the size to its new card's (10 bytes) as it makes the card, under the
+    QEMU that runs the guest (12 once the guest negotiated VERSION_1), and every
+    frame would then be cut wrong both ways. A thread puts the size back within
+    about a millisecond of each change, until stop(). Use as a context manager."""
+
+    POLL = 0.001  # seconds between looks: frames in that window are lost
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = vnet_header_size(fd)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name=f"tap-header-{fd}", daemon=True)
+
+    def __enter__(self) -> HeaderKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._put_back()
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.POLL):
+            self._put_back()
+
+    def _put_back(self) -> None:
+        try:
+            if vnet_header_size(self.fd) != self.size:
+                set_vnet_header_size(self.fd, self.size)
+        except SystemFailure:
+            self._stop.set()  # the tap is gone: its VM is ending
