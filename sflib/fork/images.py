@@ -14,14 +14,15 @@ those pages (dirty_runs, write_runs):
 
 Either way the cost in the pause is that of the pages the guest changed since the
 last fork, never that of its RAM (sflib.fork.procmem makes it a few system calls).
-Pages written as zeros become holes after the pause (punch_zeros), so images stay
-sparse. Everything here blocks: callers run it in a thread.
+Pages written as zeros become holes after the pause, and the zero pages its users'
+faults fill are punched again when a user ends (sflib.fork.holes), so images stay
+sparse. Everything here blocks, but MemoryImage's coroutines: callers run it in a
+thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import logging
 import os
@@ -30,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sflib.errors import SystemFailure
-from sflib.fork import procmem
+from sflib.fork import holes, pageruns, procmem
+from sflib.fork.pageruns import Runs
 
 log = logging.getLogger(__name__)
 
 PAGE = 4096
-COPY_CHUNK = 1 << 20  # bytes per read when copying; zero chunks stay holes
-_ZEROS = bytes(COPY_CHUNK)
+COPY_CHUNK = 1 << 20  # bytes per read through /proc/PID/mem
 
 # Byte 7 of a pagemap entry holds bits 56-63: 63 present, 62 swapped, 61 file or
 # shared. A page of the image's private mapping is QEMU's own copy when it is
@@ -53,6 +54,12 @@ class MemoryImage:
     users: set[str] = field(default_factory=set)
     owned: bool = True  # False: another host's image, seen through memtap
     settling: asyncio.Task[None] | None = None  # its free and zero pages punched
+    # Page runs it holds as zeros (holes once), known once it settled; faults on
+    # them refill them (sflib.fork.holes), trim punches them again.
+    zeros: Runs = field(default_factory=list)
+    trimming: asyncio.Task[None] | None = None
+    frozen: bool = False  # a fork writes into it: never trimmed again
+    _trim_again: bool = False
 
     def use(self, user: str) -> None:
         self.users.add(user)
@@ -79,7 +86,7 @@ class MemoryImage:
         if not self.path.exists():  # released meanwhile: its map goes with it
             self.free_map.unlink(missing_ok=True)
 
-    def punch_runs(self, page_runs: list[tuple[int, int]]) -> int:
+    def punch_runs(self, page_runs: Runs) -> int:
         """Punch those pages out of the file: a hole costs no memory. Returns how many
         pages (0 if the file is gone). Raises SystemFailure."""
         try:
@@ -90,19 +97,46 @@ class MemoryImage:
             raise SystemFailure(f"cannot open {self.path}: {e.strerror}") from e
         try:
             for first, count in page_runs:
-                punch(fd, first * PAGE, count * PAGE)
+                holes.punch(fd, first * PAGE, count * PAGE)
         except OSError as e:
             raise SystemFailure(f"cannot punch free pages out of {self.path}: "
                                 f"{e.strerror}") from e  # fmt: skip
         finally:
             os.close(fd)
-        return sum(count for _, count in page_runs)
+        return pageruns.count(page_runs)
+
+    def trim(self) -> None:
+        """Punch again, in the background, its zero pages that faults filled (its
+        users' reads of holes, their writes to pages the guest had freed). Call it
+        when a user ends; a trim asked for while one runs runs once more after."""
+        if not self.owned or self.frozen:
+            return
+        if self.trimming is not None and not self.trimming.done():
+            self._trim_again = True
+            return
+        self.trimming = asyncio.create_task(self._trim(), name=f"trim-{self.path.name}")
+
+    async def _trim(self) -> None:
+        await self.settled()  # its zeros are known then
+        self._trim_again = True
+        while self._trim_again and not self.frozen and self.zeros:
+            self._trim_again = False
+            try:
+                refilled = await asyncio.to_thread(holes.punch_refilled, self.path, self.zeros)
+            except SystemFailure as e:
+                log.warning("%s: refilled zero pages kept: %s", self.path.name, e)
+                return
+            log.debug("%s: %d refilled zero pages punched again", self.path.name,
+                      pageruns.count(refilled))  # fmt: skip
 
     async def settled(self) -> None:
-        """Until its last fork's free pages are marked and punched: pages written
-        into it later must not be punched after them. Never raises."""
+        """Until its last fork's free and zero pages are punched, and any trim has
+        ended: pages written into it later must not be punched after them. Set
+        frozen first where the next fork writes into it. Never raises."""
         if self.settling is not None:
             await asyncio.wait([self.settling])
+        if self.trimming is not None and self.trimming is not asyncio.current_task():
+            await asyncio.wait([self.trimming])
 
     def release(self, user: str) -> None:
         """Forget a user; the last one out removes the file (if it is ours)."""
@@ -116,32 +150,11 @@ class MemoryImage:
 # Which pages are QEMU's own (pure) ----------------------------------------------
 
 
-def own_page_runs(pagemap: bytes) -> list[tuple[int, int]]:
+def own_page_runs(pagemap: bytes) -> Runs:
     """(first, count) runs of the pages a pagemap extract marks as the process's
     own copies (see _OWN_PAGE); one 8-byte entry per page."""
     marks = pagemap[7::8].translate(_OWN_PAGE)
     return [(m.start(), m.end() - m.start()) for m in _RUN.finditer(marks)]
-
-
-def subtract(runs: list[tuple[int, int]], minus: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The pages of sorted runs that are in none of minus's runs (any order)."""
-    cuts = sorted(minus)
-    out: list[tuple[int, int]] = []
-    i = 0
-    for run_first, count in runs:
-        first, end = run_first, run_first + count
-        while i < len(cuts) and cuts[i][0] + cuts[i][1] <= first:
-            i += 1  # cuts wholly before this run: none of the later runs reaches them
-        j = i
-        while first < end and j < len(cuts) and cuts[j][0] < end:
-            cut_first, cut_end = cuts[j][0], cuts[j][0] + cuts[j][1]
-            if cut_first > first:
-                out.append((first, cut_first - first))
-            first = max(first, cut_end)
-            j += 1
-        if first < end:
-            out.append((first, end - first))
-    return out
 
 
 # Reading a QEMU's mappings --------------------------------------------------------
@@ -164,7 +177,7 @@ def mapping_of(pid: int, mapped: Path) -> tuple[int, int]:
     raise SystemFailure(f"QEMU {pid} does not map {mapped}")
 
 
-def dirty_runs(pid: int, mapped: Path) -> tuple[int, list[tuple[int, int]]]:
+def dirty_runs(pid: int, mapped: Path) -> tuple[int, Runs]:
     """The page runs of mapped that QEMU pid has its own copies of (what the guest
     wrote since it mapped the image), and the mapping's start. Raises SystemFailure."""
     start, end = mapping_of(pid, mapped)
@@ -181,10 +194,10 @@ def dirty_runs(pid: int, mapped: Path) -> tuple[int, list[tuple[int, int]]]:
     return start, own_page_runs(entries)
 
 
-def write_runs(pid: int, start: int, runs: list[tuple[int, int]], image: Path) -> int:
+def write_runs(pid: int, start: int, runs: Runs, image: Path) -> int:
     """Copy those pages of QEMU pid's guest RAM (mapped at start) into image, at
     the same offsets. Returns the pages written. Pages written as zeros take memory
-    until punch_zeros. Raises SystemFailure."""
+    until they are punched (sflib.fork.holes). Raises SystemFailure."""
     try:
         try:
             procmem.copy_runs(pid, start, runs, image)
@@ -197,7 +210,7 @@ def write_runs(pid: int, start: int, runs: list[tuple[int, int]], image: Path) -
     return sum(count for _, count in runs)
 
 
-def _copy_through_mem(pid: int, start: int, runs: list[tuple[int, int]], image: Path) -> None:
+def _copy_through_mem(pid: int, start: int, runs: Runs, image: Path) -> None:
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
         fd = os.open(image, os.O_RDWR)
         try:
@@ -212,97 +225,8 @@ def _copy_through_mem(pid: int, start: int, runs: list[tuple[int, int]], image: 
             os.close(fd)
 
 
-def punch_zeros(image: Path, runs: list[tuple[int, int]]) -> int:
-    """Punch the pages of those runs of image that hold only zeros: a hole reads
-    the same and costs no memory. Nothing else may write those pages meanwhile
-    (MemoryImage.settled). Returns how many (0 if the file is gone). Raises
-    SystemFailure."""
-    punched = 0
-    try:
-        fd = os.open(image, os.O_RDWR)
-    except FileNotFoundError:
-        return 0  # its last user left
-    except OSError as e:
-        raise SystemFailure(f"cannot open {image}: {e.strerror}") from e
-    try:
-        for first, count in runs:
-            offset, end = first * PAGE, (first + count) * PAGE
-            while offset < end:
-                data = os.pread(fd, min(end - offset, COPY_CHUNK), offset)
-                punched += _punch_zero_pages(fd, offset, data)
-                offset += len(data) or end
-    except OSError as e:
-        raise SystemFailure(f"cannot punch zero pages out of {image}: {e.strerror}") from e
-    finally:
-        os.close(fd)
-    return punched
-
-
-def _punch_zero_pages(fd: int, offset: int, data: bytes) -> int:
-    if data == _ZEROS[: len(data)]:
-        punch(fd, offset, len(data))
-        return len(data) // PAGE
-    punched = 0
-    for at in range(0, len(data), PAGE):
-        if data[at : at + PAGE] == _ZEROS[:PAGE]:
-            punch(fd, offset + at, PAGE)
-            punched += 1
-    return punched
-
-
-def copy_image(src: Path, dst: Path) -> None:
-    """A sparse copy of image src at dst: holes and zero chunks stay holes. On
-    failure dst is removed. Raises SystemFailure."""
-    try:
-        size = src.stat().st_size
-        with src.open("rb", buffering=0) as s, dst.open("wb", buffering=0) as d:
-            d.truncate(size)
-            for offset, length in _data_regions(s.fileno(), size):
-                _copy_region(s.fileno(), d.fileno(), offset, length)
-    except OSError as e:
-        dst.unlink(missing_ok=True)
-        raise SystemFailure(f"cannot copy memory image {src}: {e.strerror}") from e
-
-
-def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
-    regions, offset = [], 0
-    while offset < size:
-        try:
-            data = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole is left
-                break
-            raise
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        regions.append((data, hole - data))
-        offset = hole
-    return regions
-
-
-def _copy_region(src: int, dst: int, offset: int, length: int) -> None:
-    end = offset + length
-    while offset < end:
-        data = os.pread(src, min(end - offset, COPY_CHUNK), offset)
-        if not data:
-            break
-        if data != _ZEROS[: len(data)]:
-            os.pwrite(dst, data, offset)
-        offset += len(data)
-
-
 def _read_exactly(f: object, size: int) -> bytes:
     data = f.read(size)  # type: ignore[attr-defined]
     if len(data) != size:
         raise OSError(errno.EIO, "short read")
     return bytes(data)
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-
-
-def punch(fd: int, offset: int, length: int) -> None:
-    """Make a hole (zeros, no memory) of the file's bytes there. Raises OSError."""
-    if _LIBC.fallocate(fd, _PUNCH_HOLE, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))

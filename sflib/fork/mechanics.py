@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from sflib.errors import SystemFailure
-from sflib.fork import images
+from sflib.fork import holes, images, pageruns
 from sflib.fork.checkpoint import Checkpoint, machine_of
 from sflib.fork.images import MemoryImage
 from sflib.fork.standby import Standbys, start_next
@@ -45,11 +45,11 @@ class _Plan:
     mapped: Path  # the file the VM's QEMU maps now
     target: Path
     in_place: bool  # target is the file the VM maps: nobody else maps it
-    free: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # file page runs
+    free: pageruns.Runs = dataclasses.field(default_factory=list)  # file page runs
 
 
 async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: bool, dir: Path,
-                            free: list[tuple[int, int]],
+                            free: pageruns.Runs,
                             standbys: Standbys) -> Checkpoint:  # fmt: skip
     """Freeze vm into a new checkpoint (its image <checkpoint_id>.mem, its files in
     dir) and let vm go on in a new QEMU (its standby where it has a usable one);
@@ -72,17 +72,23 @@ async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: boo
             new = await start_next(vms, vm, plan.target)
             before.done("next QEMU")
     except BaseException:
-        if not plan.in_place and plan.base is not None:
-            plan.target.unlink(missing_ok=True)
+        _unplan(plan)
         raise
     old = vm.machine
     started = time.perf_counter()
-    snap, written = await _freeze(vms, vm, new, plan, image_path, dir)
+    try:
+        snap, written = await _freeze(vms, vm, new, plan, image_path, dir)
+    except BaseException:
+        if plan.in_place and plan.base is not None:
+            plan.base.frozen = False  # the VM maps it still, as it was
+        raise
     resumed = time.perf_counter()
     image = _adopt(vms, vm, new, plan, MemoryImage(image_path, {checkpoint_id, old.spec.name}))
     ckpt = Checkpoint(checkpoint_id, old.spec.name, named, dir, image, snap, machine_of(old.spec))
     ckpt.pause_ms = round((resumed - started) * 1000, 1)
-    ckpt.finishing = image.settling = asyncio.create_task(_settle(ckpt, plan.free, written))
+    ckpt.finishing = image.settling = asyncio.create_task(
+        _settle(ckpt, plan.base, plan.free, written)
+    )
     vms.retire(old)  # its exit unmaps all it touched: not part of the pause
     log.debug("%s: before the pause: %s", old.spec.name, before)
     return ckpt
@@ -95,18 +101,29 @@ async def _plan(vms: VMTable, vm: VM, image_path: Path) -> _Plan:
         return _Plan(None, m.files.memory, m.files.memory, in_place=False)
     base = vms.images.get(name)
     if base is not None and base.only_for(name) and base.path == m.files.memory:
+        base.frozen = True  # no more trims: this fork writes into it
         await base.settled()  # the last fork's holes first: then this fork's pages
         return _Plan(base, m.files.memory, m.files.memory, in_place=True)
     # Clones or checkpoints still map it: the next image starts as a copy, made
     # while the VM runs (the image itself never changes).
     log.info("%s: copying memory image %s (still mapped by %s)", name, m.files.memory,
              ", ".join(sorted(base.users - {name})) if base else "another host")  # fmt: skip
-    await asyncio.to_thread(images.copy_image, m.files.memory, image_path)
+    await asyncio.to_thread(holes.copy_image, m.files.memory, image_path)
     return _Plan(base, m.files.memory, image_path, in_place=False)
 
 
+def _unplan(plan: _Plan) -> None:
+    """The fork will not happen: its copy removed, or its in-place image free."""
+    if plan.base is None:
+        return
+    if plan.in_place:
+        plan.base.frozen = False
+    else:
+        plan.target.unlink(missing_ok=True)
+
+
 async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: Path,
-                  dir: Path) -> tuple[snapshot.DomainSnapshot, list[tuple[int, int]]]:  # fmt: skip
+                  dir: Path) -> tuple[snapshot.DomainSnapshot, pageruns.Runs]:  # fmt: skip
     """The pause: vm's QEMU stops, and new goes on from its state and the image
     at image_path. Returns the XenStore snapshot and the page runs written into the
     image. On failure the old QEMU runs again and new is stopped. Raises
@@ -161,7 +178,7 @@ class _Steps:
         return ", ".join(f"{step} {ms:.1f}" for step, ms in self.took) + " ms"
 
 
-def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> list[tuple[int, int]]:
+def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> pageruns.Runs:
     """In a thread, the VM paused: make image_path the image of its memory as it is.
     Returns the page runs written. Raises SystemFailure."""
     if plan.base is None:
@@ -170,8 +187,8 @@ def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> list[tuple[int, i
     start, runs = images.dirty_runs(pid, plan.mapped)
     # The guest's free pages (sf-clone holds them, zeroed, and nobody reads them) are
     # punched after the pause: copying them would cost the most, for nothing.
-    written = images.subtract(runs, plan.free)
-    changed = sum(count for _, count in runs)
+    written = pageruns.subtract(runs, plan.free)
+    changed = pageruns.count(runs)
     log.debug("%d pages changed since the last fork, %d of them reported free", changed,
               changed - sum(count for _, count in written))  # fmt: skip
     images.write_runs(pid, start, written, plan.target)
@@ -263,39 +280,55 @@ async def restore_clone(vms: VMTable, qemu: str, ckpt: Checkpoint, order: CloneO
     return clone
 
 
-async def _settle(ckpt: Checkpoint, free: list[tuple[int, int]],
-                  written: list[tuple[int, int]]) -> None:  # fmt: skip
+async def _settle(ckpt: Checkpoint, base: MemoryImage | None, free: pageruns.Runs,
+                  written: pageruns.Runs) -> None:  # fmt: skip
     """After the pause, off its path: the free pages marked and punched
-    (_mark_free), then the pages written as zeros punched too (checking them in
-    the pause would lengthen it). Never raises."""
-    await _mark_free(ckpt, free)
+    (_mark_free), then the pages written that hold zeros punched too (checking
+    them in the pause would lengthen it), and what the image holds as zeros noted
+    for its trims. A first image (base None) is the RAM the guest zeroed as it
+    booted (init_on_free): all of it is checked. Never raises."""
+    freed = await _mark_free(ckpt, free)
+    image = ckpt.image
     try:
-        zeros = await asyncio.to_thread(images.punch_zeros, ckpt.image.path, written)
-        log.debug("%s: %d of the %d pages written were zeros: punched", ckpt.owner, zeros,
-                  sum(count for _, count in written))  # fmt: skip
+        checked, punched = await asyncio.to_thread(
+            holes.punch_zeros, image.path, written if base is not None else None
+        )
     except SystemFailure as e:
         log.warning("%s: zero pages kept: %s", ckpt.owner, e)
+        return  # its zeros unknown: no trims
+    pages = (ckpt.machine["memory_mib"] << 20) // freepages.PAGE
+    if base is None:  # what was a hole or read as zeros
+        image.zeros = pageruns.complement(pageruns.subtract(checked, punched), pages)
+    else:
+        await base.settled()  # a copy's base may still be settling
+        unchanged = pageruns.subtract(base.zeros, written)
+        image.zeros = pageruns.union(unchanged, free if freed else [], punched)
+    log.debug("%s: %d zero pages punched, of %d checked; %d known zeros", ckpt.owner,
+              pageruns.count(punched), pageruns.count(checked),
+              pageruns.count(image.zeros))  # fmt: skip
 
 
-async def _mark_free(ckpt: Checkpoint, free: list[tuple[int, int]]) -> None:
+async def _mark_free(ckpt: Checkpoint, free: pageruns.Runs) -> bool:
     """Mark the pages the guest reported free (runs of file pages) in ckpt's image
     before its first clone (the free map, which memtap reads as it mounts), then
     punch them out of it: nobody reads those pages before writing them
     (sflib.guest.freepages), so their content does not matter, and a hole costs no
     memory. Clones wait for the map only (ckpt.ready); a next fork that writes into
-    the image waits for the holes too (MemoryImage.settled). Never raises: clones
-    then fetch those pages like others."""
+    the image waits for the holes too (MemoryImage.settled). Returns whether they
+    are holes. Never raises: clones then fetch those pages like others."""
     pages = (ckpt.machine["memory_mib"] << 20) // freepages.PAGE
     try:
         if free:
             await asyncio.to_thread(lambda: ckpt.image.mark_free(freepages.bitmap(free, pages)))
-            ckpt.free_pages = sum(count for _, count in free)
+            ckpt.free_pages = pageruns.count(free)
     except SystemFailure as e:
         log.warning("%s: free pages not marked: %s", ckpt.owner, e)
-        return
+        return False
     finally:
         ckpt.mapped.set()
     try:
         await asyncio.to_thread(ckpt.image.punch_runs, free)
     except SystemFailure as e:
         log.warning("%s: free pages kept: %s", ckpt.owner, e)
+        return False
+    return True

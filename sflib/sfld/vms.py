@@ -246,6 +246,8 @@ class VMTable:
         image = self.images.pop(name, None)
         if image is not None:
             image.release(name)
+            if image.users:  # the zero pages it filled serve nobody now
+                image.trim()
 
     def retire(self, machine: Machine) -> None:
         """Stop a VM's former QEMU (it went on in a new one) in the background."""

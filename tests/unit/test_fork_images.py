@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sflib.errors import SystemFailure
-from sflib.fork import images, procmem
+from sflib.fork import holes, images, procmem
 from sflib.fork.images import PAGE, MemoryImage
 
 SHM = Path("/dev/shm")
@@ -88,7 +88,7 @@ def test_written_pages_go_into_the_image_and_the_mapping_sees_the_same(
         start, runs = images.dirty_runs(proc.pid, image)
         assert runs == [(1, 2), (4, 1), (40, 1)]
         assert images.write_runs(proc.pid, start, runs, image) == 4
-        assert images.punch_zeros(image, runs) == 1  # page 40, written as zeros: a hole
+        assert holes.punch_zeros(image, runs) == (runs, [(40, 1)])  # written as zeros
         proc.stdin.write("\n")
         proc.stdin.flush()
         seen = bytes.fromhex(proc.stdout.read())
@@ -144,40 +144,6 @@ def test_a_scan_of_more_runs_than_one_call_returns_finds_each_page_once() -> Non
     assert found == expected
 
 
-def test_only_the_zero_pages_of_the_runs_are_punched(image: Path) -> None:
-    with image.open("r+b") as f:
-        f.truncate(1024 * PAGE)
-        f.seek(300 * PAGE)
-        f.write(bytes(256 * PAGE))  # a whole chunk of zeros
-        f.seek(600 * PAGE)
-        f.write(b"\x07" * PAGE + bytes(PAGE) + b"\x07" * PAGE)  # a zero page inside data
-        f.seek(900 * PAGE)
-        f.write(bytes(PAGE))  # zeros, but not in the runs
-    before = image.read_bytes()
-    # 290-589: holes or written zeros; 601 a zero page between data pages
-    assert images.punch_zeros(image, [(0, 1), (290, 300), (600, 3)]) == 300 + 1
-    assert image.read_bytes() == before
-    with image.open("rb") as f:
-        assert os.lseek(f.fileno(), 300 * PAGE, os.SEEK_DATA) == 600 * PAGE
-        assert os.lseek(f.fileno(), 601 * PAGE, os.SEEK_DATA) == 602 * PAGE
-        assert os.lseek(f.fileno(), 900 * PAGE, os.SEEK_DATA) == 900 * PAGE  # kept
-    assert images.punch_zeros(image.with_suffix(".gone"), [(0, 1)]) == 0
-
-
-def test_a_copy_keeps_holes_and_zero_chunks_out(image: Path) -> None:
-    with image.open("r+b") as f:  # a whole megabyte of written zeros
-        f.truncate(512 * PAGE)
-        f.seek(256 * PAGE)
-        f.write(bytes(256 * PAGE))
-    copy = image.with_suffix(".copy")
-    try:
-        images.copy_image(image, copy)
-        assert copy.read_bytes() == image.read_bytes()
-        assert os.stat(copy).st_blocks * 512 <= 16 * 4 * PAGE  # only the data pages
-    finally:
-        copy.unlink(missing_ok=True)
-
-
 def test_a_process_that_does_not_map_the_image_is_refused(image: Path) -> None:
     with pytest.raises(SystemFailure, match="does not map"):
         images.dirty_runs(os.getpid(), image)
@@ -197,14 +163,3 @@ def test_mapping_of_a_mapped_file(image: Path) -> None:
     with image.open("r+b") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as m:
         start, end = images.mapping_of(os.getpid(), image)
         assert end - start == len(m) == 64 * PAGE
-
-
-def test_free_pages_are_taken_out_of_the_runs_to_write() -> None:
-    runs = [(0, 10), (20, 5), (30, 1)]
-    assert images.subtract(runs, []) == runs
-    assert images.subtract(runs, [(3, 2), (8, 14), (30, 1)]) == [(0, 3), (5, 3), (22, 3)]
-    assert images.subtract(runs, [(0, 100)]) == []
-    assert images.subtract([(5, 5)], [(7, 1), (0, 6)]) == [(6, 1), (8, 2)]  # any order
-    pages = {p for f, n in runs for p in range(f, f + n)} - set(range(3, 5)) - {21}
-    left = images.subtract(runs, [(21, 1), (3, 2)])
-    assert {p for f, n in left for p in range(f, f + n)} == pages
