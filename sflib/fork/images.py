@@ -194,13 +194,33 @@ def dirty_runs(pid: int, mapped: Path) -> tuple[int, Runs]:
     return start, own_page_runs(entries)
 
 
-def write_runs(pid: int, start: int, runs: Runs, image: Path) -> int:
+def prepare_write(pid: int, mapped: Path, image: Path,
+                  free: Runs) -> procmem.SharedMapping | None:  # fmt: skip
+    """Before the pause: a shared mapping of image in which the pages QEMU pid has
+    its own copies of now (they will be written in the pause), the free ones left
+    out, are present already, so the pause only copies. None where image cannot be
+    mapped: the pause then maps it itself. Never raises."""
+    try:
+        mapping = procmem.SharedMapping(image)
+    except OSError as e:
+        log.warning("cannot map %s before the pause: %s", image, e.strerror)
+        return None
+    try:
+        _, runs = dirty_runs(pid, mapped)
+        mapping.populate(pageruns.subtract(runs, free))
+    except (OSError, SystemFailure) as e:  # the pause faults them in instead
+        log.warning("pages of %s not made present before the pause: %s", image, e)
+    return mapping
+
+
+def write_runs(pid: int, start: int, runs: Runs, image: Path,
+               mapping: procmem.SharedMapping | None = None) -> int:  # fmt: skip
     """Copy those pages of QEMU pid's guest RAM (mapped at start) into image, at
     the same offsets. Returns the pages written. Pages written as zeros take memory
     until they are punched (sflib.fork.holes). Raises SystemFailure."""
     try:
         try:
-            procmem.copy_runs(pid, start, runs, image)
+            procmem.copy_runs(pid, start, runs, image, mapping)
         except procmem.Unsupported as e:
             log.debug("no process_vm_readv (%s): copying through /proc/%d/mem", e, pid)
             _copy_through_mem(pid, start, runs, image)

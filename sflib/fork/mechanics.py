@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from sflib.errors import SystemFailure
-from sflib.fork import holes, images, pageruns
+from sflib.fork import holes, images, pageruns, procmem
 from sflib.fork.checkpoint import Checkpoint, machine_of
 from sflib.fork.images import MemoryImage
 from sflib.fork.standby import Standbys, start_next
@@ -46,6 +46,7 @@ class _Plan:
     target: Path
     in_place: bool  # target is the file the VM maps: nobody else maps it
     free: pageruns.Runs = dataclasses.field(default_factory=list)  # file page runs
+    mapping: procmem.SharedMapping | None = None  # of target, its pages to write present
 
 
 async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: bool, dir: Path,
@@ -66,29 +67,28 @@ async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: boo
                                free=freepages.file_runs(free, ram))  # fmt: skip
     before.done("plan")
     try:
+        plan = await _mapped(vm, plan)
+        before.done("target mapped")
         new = await standbys.take(vm, plan.target)
         before.done("standby" if new is not None else "no standby")
         if new is None:
             new = await start_next(vms, vm, plan.target)
             before.done("next QEMU")
     except BaseException:
-        _unplan(plan)
+        await _unplan(plan)
         raise
     old = vm.machine
     started = time.perf_counter()
     try:
         snap, written = await _freeze(vms, vm, new, plan, image_path, dir)
     except BaseException:
-        if plan.in_place and plan.base is not None:
-            plan.base.frozen = False  # the VM maps it still, as it was
+        await _unplan(plan)  # the VM maps its image still, as it was
         raise
     resumed = time.perf_counter()
     image = _adopt(vms, vm, new, plan, MemoryImage(image_path, {checkpoint_id, old.spec.name}))
     ckpt = Checkpoint(checkpoint_id, old.spec.name, named, dir, image, snap, machine_of(old.spec))
     ckpt.pause_ms = round((resumed - started) * 1000, 1)
-    ckpt.finishing = image.settling = asyncio.create_task(
-        _settle(ckpt, plan.base, plan.free, written)
-    )
+    ckpt.finishing = image.settling = asyncio.create_task(_settle(ckpt, plan, written))
     vms.retire(old)  # its exit unmaps all it touched: not part of the pause
     log.debug("%s: before the pause: %s", old.spec.name, before)
     return ckpt
@@ -112,14 +112,41 @@ async def _plan(vms: VMTable, vm: VM, image_path: Path) -> _Plan:
     return _Plan(base, m.files.memory, image_path, in_place=False)
 
 
-def _unplan(plan: _Plan) -> None:
+async def _mapped(vm: VM, plan: _Plan) -> _Plan:
+    """plan with its target mapped, the pages the pause will write into it present
+    (images.prepare_write), where pages are to be written."""
+    if plan.base is None:
+        return plan
+    pid = vm.machine.pid or 0
+    task = asyncio.ensure_future(
+        asyncio.to_thread(images.prepare_write, pid, plan.mapped, plan.target, plan.free)
+    )
+    try:
+        return dataclasses.replace(plan, mapping=await asyncio.shield(task))
+    except asyncio.CancelledError:  # the thread runs on: its mapping must not leak
+        task.add_done_callback(_close_mapping)
+        raise
+
+
+def _close_mapping(task: asyncio.Future[procmem.SharedMapping | None]) -> None:
+    if not task.cancelled() and task.exception() is None and (mapping := task.result()):
+        mapping.close()
+
+
+async def _unplan(plan: _Plan) -> None:
     """The fork will not happen: its copy removed, or its in-place image free."""
     if plan.base is None:
         return
+    await _unmap(plan)
     if plan.in_place:
         plan.base.frozen = False
     else:
         plan.target.unlink(missing_ok=True)
+
+
+async def _unmap(plan: _Plan) -> None:
+    if plan.mapping is not None:
+        await asyncio.to_thread(plan.mapping.close)  # its pages are unmapped one by one
 
 
 async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: Path,
@@ -191,7 +218,7 @@ def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> pageruns.Runs:
     changed = pageruns.count(runs)
     log.debug("%d pages changed since the last fork, %d of them reported free", changed,
               changed - sum(count for _, count in written))  # fmt: skip
-    images.write_runs(pid, start, written, plan.target)
+    images.write_runs(pid, start, written, plan.target, plan.mapping)
     if plan.in_place:
         plan.base.free_map.unlink(missing_ok=True)  # it marked pages of the last fork
         os.rename(plan.target, image_path)
@@ -280,13 +307,14 @@ async def restore_clone(vms: VMTable, qemu: str, ckpt: Checkpoint, order: CloneO
     return clone
 
 
-async def _settle(ckpt: Checkpoint, base: MemoryImage | None, free: pageruns.Runs,
-                  written: pageruns.Runs) -> None:  # fmt: skip
-    """After the pause, off its path: the free pages marked and punched
-    (_mark_free), then the pages written that hold zeros punched too (checking
-    them in the pause would lengthen it), and what the image holds as zeros noted
-    for its trims. A first image (base None) is the RAM the guest zeroed as it
-    booted (init_on_free): all of it is checked. Never raises."""
+async def _settle(ckpt: Checkpoint, plan: _Plan, written: pageruns.Runs) -> None:
+    """After the pause, off its path: the target unmapped, the free pages marked
+    and punched (_mark_free), then the pages written that hold zeros punched too
+    (checking them in the pause would lengthen it), and what the image holds as
+    zeros noted for its trims. A first image (no base) is the RAM the guest zeroed
+    as it booted (init_on_free): all of it is checked. Never raises."""
+    base, free = plan.base, plan.free
+    await _unmap(plan)
     freed = await _mark_free(ckpt, free)
     image = ckpt.image
     try:

@@ -163,3 +163,26 @@ def test_mapping_of_a_mapped_file(image: Path) -> None:
     with image.open("r+b") as f, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE) as m:
         start, end = images.mapping_of(os.getpid(), image)
         assert end - start == len(m) == 64 * PAGE
+
+
+def test_pages_made_present_before_the_pause_are_written_the_same(image: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(image)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "ready\n"
+        mapping = images.prepare_write(proc.pid, image, image, free=[(4, 1)])
+        assert mapping is not None
+        try:
+            start, runs = images.dirty_runs(proc.pid, image)
+            assert images.write_runs(proc.pid, start, runs, image, mapping) == 4
+        finally:
+            mapping.close()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        seen = bytes.fromhex(proc.stdout.read())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert image.read_bytes() == seen
+    assert images.prepare_write(os.getpid(), image, image.with_suffix(".gone"), []) is None
