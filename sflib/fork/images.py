@@ -29,6 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from sflib.errors import SystemFailure
 from sflib.fork import holes, pageruns, procmem
@@ -177,40 +178,52 @@ def mapping_of(pid: int, mapped: Path) -> tuple[int, int]:
     raise SystemFailure(f"QEMU {pid} does not map {mapped}")
 
 
-def dirty_runs(pid: int, mapped: Path) -> tuple[int, Runs]:
+def dirty_runs(pid: int, mapped: Path, known: Runs | None = None) -> tuple[int, Runs]:
     """The page runs of mapped that QEMU pid has its own copies of (what the guest
-    wrote since it mapped the image), and the mapping's start. Raises SystemFailure."""
+    wrote since it mapped the image), and the mapping's start. known: runs found
+    its own before (prepare_write), not looked at again: a page QEMU has its own
+    copy of stays so, and the walk is the cost (the give-back of a reservation
+    leaves most of a parent's RAM its own, zeroed). Raises SystemFailure."""
     start, end = mapping_of(pid, mapped)
+    within = None if not known else pageruns.complement(known, (end - start) // PAGE)
     try:
         try:
-            return start, procmem.own_runs(pid, start, end)
+            found = procmem.own_runs(pid, start, end, within)
         except procmem.Unsupported as e:
             log.debug("no PAGEMAP_SCAN (%s): reading the whole page map", e)
-        with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
-            pagemap.seek(start // PAGE * 8)
-            entries = _read_exactly(pagemap, (end - start) // PAGE * 8)
+            with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pagemap:
+                pagemap.seek(start // PAGE * 8)
+                entries = _read_exactly(pagemap, (end - start) // PAGE * 8)
+            found = own_page_runs(entries)
     except OSError as e:
         raise SystemFailure(f"cannot read QEMU {pid}'s page map: {e.strerror}") from e
-    return start, own_page_runs(entries)
+    return start, pageruns.union(known, found) if known else found
 
 
-def prepare_write(pid: int, mapped: Path, image: Path,
-                  free: Runs) -> procmem.SharedMapping | None:  # fmt: skip
+class Prepared(NamedTuple):
+    """What prepare_write did before the pause."""
+
+    mapping: procmem.SharedMapping | None  # of the target; None: the pause maps it
+    own: Runs  # the pages QEMU had its own copies of then, for dirty_runs
+
+
+def prepare_write(pid: int, mapped: Path, image: Path, free: Runs) -> Prepared:
     """Before the pause: a shared mapping of image in which the pages QEMU pid has
     its own copies of now (they will be written in the pause), the free ones left
-    out, are present already, so the pause only copies. None where image cannot be
-    mapped: the pause then maps it itself. Never raises."""
+    out, are present already, so the pause only copies; and those pages, so the
+    pause scans only the others. Never raises."""
     try:
         mapping = procmem.SharedMapping(image)
     except OSError as e:
         log.warning("cannot map %s before the pause: %s", image, e.strerror)
-        return None
+        return Prepared(None, [])
+    runs: Runs = []
     try:
         _, runs = dirty_runs(pid, mapped)
         mapping.populate(pageruns.subtract(runs, free))
     except (OSError, SystemFailure) as e:  # the pause faults them in instead
         log.warning("pages of %s not made present before the pause: %s", image, e)
-    return mapping
+    return Prepared(mapping, runs)
 
 
 def write_runs(pid: int, start: int, runs: Runs, image: Path,

@@ -47,6 +47,7 @@ class _Plan:
     in_place: bool  # target is the file the VM maps: nobody else maps it
     free: pageruns.Runs = dataclasses.field(default_factory=list)  # file page runs
     mapping: procmem.SharedMapping | None = None  # of target, its pages to write present
+    own: pageruns.Runs = dataclasses.field(default_factory=list)  # QEMU's own before the pause
 
 
 async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: bool, dir: Path,
@@ -122,14 +123,15 @@ async def _mapped(vm: VM, plan: _Plan) -> _Plan:
         asyncio.to_thread(images.prepare_write, pid, plan.mapped, plan.target, plan.free)
     )
     try:
-        return dataclasses.replace(plan, mapping=await asyncio.shield(task))
+        prepared = await asyncio.shield(task)
+        return dataclasses.replace(plan, mapping=prepared.mapping, own=prepared.own)
     except asyncio.CancelledError:  # the thread runs on: its mapping must not leak
         task.add_done_callback(_close_mapping)
         raise
 
 
-def _close_mapping(task: asyncio.Future[procmem.SharedMapping | None]) -> None:
-    if not task.cancelled() and task.exception() is None and (mapping := task.result()):
+def _close_mapping(task: asyncio.Future[images.Prepared]) -> None:
+    if not task.cancelled() and task.exception() is None and (mapping := task.result().mapping):
         mapping.close()
 
 
@@ -211,7 +213,7 @@ def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> pageruns.Runs:
     if plan.base is None:
         os.rename(plan.mapped, image_path)
         return []
-    start, runs = images.dirty_runs(pid, plan.mapped)
+    start, runs = images.dirty_runs(pid, plan.mapped, plan.own)
     # The guest's free pages (sf-clone holds them, zeroed, and nobody reads them) are
     # punched after the pause: copying them would cost the most, for nothing.
     written = pageruns.subtract(runs, plan.free)

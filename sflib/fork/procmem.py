@@ -54,33 +54,44 @@ class _ScanArg(ctypes.Structure):
         "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]  # fmt: skip
 
 
-def own_runs(pid: int, start: int, end: int) -> list[tuple[int, int]]:
+def own_runs(pid: int, start: int, end: int,
+             within: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:  # fmt: skip
     """(first, count) page runs, relative to start, of process pid's mapping
     [start, end) that are its own copies: present and not file pages, or swapped
-    (as sflib.fork.images.own_page_runs reads them from the page map). Raises
-    Unsupported or OSError."""
+    (as sflib.fork.images.own_page_runs reads them from the page map). within:
+    only those page runs (relative to start, in order) are looked at; the walk
+    costs about 100 ns a mapped page. Raises Unsupported or OSError."""
     regions = (ctypes.c_uint64 * (3 * SCAN_REGIONS))()
-    arg = _ScanArg(size=ctypes.sizeof(_ScanArg), start=start, end=end,
-                   vec=ctypes.addressof(regions), vec_len=SCAN_REGIONS,
+    arg = _ScanArg(size=ctypes.sizeof(_ScanArg), vec=ctypes.addressof(regions),
+                   vec_len=SCAN_REGIONS,
                    category_inverted=PAGE_IS_FILE, category_mask=PAGE_IS_FILE,
                    category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)  # fmt: skip
+    ranges = [(0, (end - start) // PAGE)] if within is None else within
     runs: list[tuple[int, int]] = []
     fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
     try:
-        while arg.start < end:
-            found = _LIBC.ioctl(fd, ctypes.c_ulong(PAGEMAP_SCAN), ctypes.byref(arg))
-            if found < 0:
-                err = ctypes.get_errno()
-                if err in (errno.ENOTTY, errno.EINVAL):
-                    raise Unsupported(os.strerror(err))
-                raise OSError(err, os.strerror(err))
-            flat = regions[: 3 * found]
-            for region_start, region_end in zip(flat[0::3], flat[1::3], strict=True):
-                _append(runs, (region_start - start) // PAGE, (region_end - region_start) // PAGE)
-            arg.start = arg.walk_end
+        for first, count in ranges:
+            arg.start, arg.end = start + first * PAGE, start + (first + count) * PAGE
+            _scan(fd, arg, regions, start, runs)
     finally:
         os.close(fd)
     return runs
+
+
+def _scan(fd: int, arg: _ScanArg, regions: ctypes.Array[ctypes.c_uint64], start: int,
+          runs: list[tuple[int, int]]) -> None:  # fmt: skip
+    end = arg.end
+    while arg.start < end:
+        found = _LIBC.ioctl(fd, ctypes.c_ulong(PAGEMAP_SCAN), ctypes.byref(arg))
+        if found < 0:
+            err = ctypes.get_errno()
+            if err in (errno.ENOTTY, errno.EINVAL):
+                raise Unsupported(os.strerror(err))
+            raise OSError(err, os.strerror(err))
+        flat = regions[: 3 * found]
+        for region_start, region_end in zip(flat[0::3], flat[1::3], strict=True):
+            _append(runs, (region_start - start) // PAGE, (region_end - region_start) // PAGE)
+        arg.start = arg.walk_end
 
 
 def _append(runs: list[tuple[int, int]], first: int, count: int) -> None:
