@@ -168,8 +168,9 @@ async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: P
         # Not what its clones shared: theirs, not a clone's, and it grows fork by fork.
         snap = snapshot.take(vms.bus.store, old.spec.domid, leave_out=(layout.SHARE,))
         steps.done("xenstore")
-        written = await asyncio.to_thread(_freeze_memory, old.pid or 0, plan, image_path)
-        steps.done("memory")
+        written, scan_ms = await asyncio.to_thread(_freeze_memory, old.pid or 0, plan,
+                                                   image_path)  # fmt: skip
+        steps.done("memory", f"scan {scan_ms:.1f}")
         await new.load_state(dir / "devstate")
         steps.done("load")
     except BaseException:
@@ -196,24 +197,28 @@ class _Steps:
 
     def __init__(self) -> None:
         self.last = time.perf_counter()
-        self.took: list[tuple[str, float]] = []
+        self.took: list[tuple[str, float, str]] = []
 
-    def done(self, step: str) -> None:
+    def done(self, step: str, detail: str = "") -> None:
         now = time.perf_counter()
-        self.took.append((step, (now - self.last) * 1000))
+        self.took.append((step, (now - self.last) * 1000, detail))
         self.last = now
 
     def __str__(self) -> str:
-        return ", ".join(f"{step} {ms:.1f}" for step, ms in self.took) + " ms"
+        return ", ".join(f"{step} {ms:.1f}" + (f" ({detail})" if detail else "")
+                         for step, ms, detail in self.took) + " ms"  # fmt: skip
 
 
-def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> pageruns.Runs:
+def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> tuple[pageruns.Runs, float]:
     """In a thread, the VM paused: make image_path the image of its memory as it is.
-    Returns the page runs written. Raises SystemFailure."""
+    Returns the page runs written, and how long finding them took (ms). Raises
+    SystemFailure."""
     if plan.base is None:
         os.rename(plan.mapped, image_path)
-        return []
+        return [], 0.0
+    started = time.perf_counter()
     start, runs = images.dirty_runs(pid, plan.mapped, plan.own)
+    scan_ms = (time.perf_counter() - started) * 1000
     # The guest's free pages (sf-clone holds them, zeroed, and nobody reads them) are
     # punched after the pause: copying them would cost the most, for nothing.
     written = pageruns.subtract(runs, plan.free)
@@ -224,7 +229,7 @@ def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> pageruns.Runs:
     if plan.in_place:
         plan.base.free_map.unlink(missing_ok=True)  # it marked pages of the last fork
         os.rename(plan.target, image_path)
-    return written
+    return written, scan_ms
 
 
 async def _undo(old: Machine, new: Machine, plan: _Plan, image_path: Path, dir: Path) -> None:
