@@ -26,6 +26,7 @@ from sflib.fork.network import CloneNetworks
 from sflib.fork.remote import RemoteClones
 from sflib.fork.requests import NO_REPLY, Handler, RequestQueue
 from sflib.fork.standby import Standbys
+from sflib.fork.steps import Steps
 from sflib.fork.tickets import CloneState, Ticket, TicketState
 from sflib.guest import freepages, layout
 from sflib.guest.share import read_chunks
@@ -75,6 +76,8 @@ class Calls:
         self.life.granted(ticket)
         if self.network is not None:
             self.network.prepare(vm, ticket)  # off the clone's path: sf-clone comes later
+        if self.remote is not None:
+            self.remote.prepare(ticket)
         return {"ticket": ticket.id, "granted": ticket.granted, "requested": ticket.requested}
 
     async def clone(self, vm: VM, request: layout.Request) -> Any:
@@ -203,9 +206,13 @@ class Calls:
                             reply: dict[str, Any]) -> None:  # fmt: skip
         ticket.state = TicketState.CLONING
         started = time.perf_counter()
+        steps = Steps()
         await ckpt.ready()
+        steps.done("free map")
         ids = ticket.ids_by_host(self.here)
         network = await self.network.plan(parent, ticket, ids) if self.network else None
+        steps.done("network")
+        log.debug("ticket %s: before its clones start: %s", ticket.id, steps)
         remote = None
         if self.remote is not None and set(ids) - {self.here}:
             remote = asyncio.create_task(self.remote.spawn(

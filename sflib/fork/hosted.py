@@ -28,6 +28,7 @@ from sflib.fork.checkpoint import Checkpoint
 from sflib.fork.images import MemoryImage
 from sflib.fork.mechanics import CloneOrder
 from sflib.fork.messages import CloneStart, Identity, clone_reply
+from sflib.fork.steps import Steps
 from sflib.guest import layout
 from sflib.guest.share import read_chunks
 from sflib.memory.service import MemoryService
@@ -85,14 +86,16 @@ class HostedClones:
         name = f"{order.ticket}-{k}"
         hosted = HostedClone(order.ticket, k, order.owner_host, order.owner_address, ckpt.id,
                              order.memserver, order.image)  # fmt: skip
+        steps = Steps()
         try:
-            vm = await self._start_one(ckpt, hosted, name, order)
+            vm = await self._start_one(ckpt, hosted, name, order, steps)
         except SnowFlockError as e:
             log.warning("clone %d of ticket %s did not start: %s", k, order.ticket, e)
             return None
         reply(vm.machine.spec.domid, ckpt.rid, clone_reply(k, order.reply))
         log.info("clone %d of ticket %s running (its parent on %s)", k, order.ticket,
                  order.owner_host)  # fmt: skip
+        log.debug("clone %d of ticket %s: its start: %s", k, order.ticket, steps)
         return name
 
     def _descriptor(self, order: CloneStart) -> Checkpoint:
@@ -117,32 +120,42 @@ class HostedClones:
         return ckpt
 
     async def _start_one(self, ckpt: Checkpoint, hosted: HostedClone, name: str,
-                         order: CloneStart) -> VM:  # fmt: skip
+                         order: CloneStart, steps: Steps) -> VM:  # fmt: skip
         memory = await self.memory.attach(hosted.server, hosted.image, name)
+        steps.done("memtap")
         self.clones[name] = hosted
         network = order.network
+        joining: asyncio.Task[None] | None = None
         try:
             nic = self._open_nic(name, hosted.clone_id, network)
+            steps.done("card")
+            if nic is not None and self.vms.network is not None and network is not None:
+                # Its tap goes on the network while its QEMU starts: the card's link
+                # stays down until the clone asks for it.
+                peers = [str(p) for p in network.get("peers", [])]
+                joining = asyncio.create_task(self.vms.network.join(name, parent_here=False,
+                                                                    peers=peers))  # fmt: skip
             clone = await mechanics.restore_clone(self.vms, self.qemu, ckpt,
                                                   CloneOrder(name, hosted.clone_id, order.family,
-                                                             memory, nic))  # fmt: skip
+                                                             memory, nic, steps))  # fmt: skip
         except BaseException:
+            await mechanics.finished(joining)
             self.clones.pop(name, None)
             await self.memory.detach(hosted.server, hosted.image, name)
             if self.vms.network is not None:
                 await self.vms.network.leave(name)
             raise
         self.vms.register(clone)  # from here on, its end undoes everything
-        if nic is not None and self.vms.network is not None and network is not None:
+        if joining is not None:
             try:
-                await self.vms.network.join(
-                    name, parent_here=False, peers=[str(p) for p in network.get("peers", [])]
-                )
+                await joining
             except SnowFlockError:
                 await self._stop_vm(name)
                 raise
+            steps.done("network")
         self._introduce(clone, hosted, order)
         await clone.machine.resume()
+        steps.done("cont")
         return clone
 
     def _open_nic(self, name: str, k: int, network: dict[str, Any] | None) -> Nic | None:

@@ -19,6 +19,7 @@ from sflib.fork.mechanics import CloneOrder
 from sflib.fork.messages import Identity, clone_reply
 from sflib.fork.network import CloneNetworks
 from sflib.fork.requests import RequestQueue
+from sflib.fork.steps import Steps
 from sflib.fork.tickets import Clone, CloneState, Ticket, TicketState
 from sflib.guest import layout
 from sflib.memory.service import MemoryService
@@ -45,27 +46,37 @@ class LocalClones:
         """Clone k of ticket, here; in the ticket's record as running, or as crashed
         if it did not start. Never raises."""
         name = f"{ticket.id}-{k}"
+        steps = Steps()
+        plugging: asyncio.Task[None] | None = None
         try:
             nic = self.network.open(parent, name, ticket.net_base + k) if self.network else None
+            steps.done("card")
+            if self.network is not None and nic is not None:  # while its QEMU starts
+                plugging = asyncio.create_task(self.network.plug(name))
             order = CloneOrder(name, k, parent.machine.spec.name, await self._tap(ckpt, name),
-                               nic)  # fmt: skip
+                               nic, steps)  # fmt: skip
             clone = await mechanics.restore_clone(self.vms, parent.machine.qemu, ckpt, order)
-        except SnowFlockError as e:
-            log.warning("clone %d of ticket %s did not start: %s", k, ticket.id, e)
+        except BaseException as e:
+            await mechanics.finished(plugging)
             await self.untap(name)
             if self.network is not None:
                 await self.network.unplug(name)
+            if not isinstance(e, SnowFlockError):
+                raise
+            log.warning("clone %d of ticket %s did not start: %s", k, ticket.id, e)
             ticket.clones[k] = Clone(k, name, CloneState.CRASHED)
             return
         ticket.clones[k] = Clone(k, name)
         self.vms.register(clone)
         if ticket.state == TicketState.ENDED:  # killed while we were cloning
+            await mechanics.finished(plugging)  # its end unplugs it
             ticket.clones[k].state = CloneState.KILLED
             self.stop_soon(name)
             return
         try:
-            if self.network is not None:
-                await self.network.plug(name)
+            if plugging is not None:
+                await plugging
+                steps.done("network")
         except SnowFlockError as e:
             log.warning("clone %d of ticket %s has no network: %s", k, ticket.id, e)
             ticket.clones[k].state = CloneState.CRASHED
@@ -73,8 +84,10 @@ class LocalClones:
             return
         self._introduce(parent, clone, ticket, k)
         await clone.machine.resume()
+        steps.done("cont")
         self.requests.answer(clone.machine.spec.domid, ckpt.rid, clone_reply(k, reply))
         log.info("clone %d of ticket %s running", k, ticket.id)
+        log.debug("clone %d of ticket %s: its start: %s", k, ticket.id, steps)
 
     async def _tap(self, ckpt: Checkpoint, name: str) -> Path | None:
         """The memtap file clone name maps, or None to map the frozen image itself."""

@@ -26,6 +26,7 @@ from sflib.fork import holes, images, pageruns, procmem
 from sflib.fork.checkpoint import Checkpoint, machine_of
 from sflib.fork.images import MemoryImage
 from sflib.fork.standby import Standbys, start_next
+from sflib.fork.steps import Steps
 from sflib.guest import freepages, layout
 from sflib.memory import tap
 from sflib.sfld.vms import VM, VMState, VMTable
@@ -63,7 +64,7 @@ async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: boo
     """
     image_path = vms.memory_dir / f"{checkpoint_id}.mem"
     ram = vm.machine.spec.memory_mib << 20
-    before = _Steps()
+    before = Steps()
     plan = dataclasses.replace(await _plan(vms, vm, image_path),
                                free=freepages.file_runs(free, ram))  # fmt: skip
     before.done("plan")
@@ -158,7 +159,7 @@ async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: P
     image. On failure the old QEMU runs again and new is stopped. Raises
     SnowFlockError."""
     old = vm.machine
-    steps = _Steps()
+    steps = Steps()
     await old.pause()
     try:
         steps.done("stop")
@@ -190,23 +191,6 @@ async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: P
     log.info("%s: %d pages written into its image; the pause: %s", old.spec.name,
              sum(count for _, count in written), steps)  # fmt: skip
     return snap, written
-
-
-class _Steps:
-    """How long each step of the pause took, for the log."""
-
-    def __init__(self) -> None:
-        self.last = time.perf_counter()
-        self.took: list[tuple[str, float, str]] = []
-
-    def done(self, step: str, detail: str = "") -> None:
-        now = time.perf_counter()
-        self.took.append((step, (now - self.last) * 1000, detail))
-        self.last = now
-
-    def __str__(self) -> str:
-        return ", ".join(f"{step} {ms:.1f}" + (f" ({detail})" if detail else "")
-                         for step, ms, detail in self.took) + " ms"  # fmt: skip
 
 
 def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> tuple[pageruns.Runs, float]:
@@ -274,6 +258,7 @@ class CloneOrder:
     family: str
     memory: Path | None = None
     nic: Nic | None = None
+    steps: Steps | None = None  # where the times of its start go, for the log
 
 
 async def restore_clone(vms: VMTable, qemu: str, ckpt: Checkpoint, order: CloneOrder) -> VM:
@@ -297,10 +282,13 @@ async def restore_clone(vms: VMTable, qemu: str, ckpt: Checkpoint, order: CloneO
                family=order.family, clone_id=order.clone_id)  # fmt: skip
     clone.ready.set()
     vms.reserve(clone)
+    steps = order.steps or Steps()
     try:
         await machine.start()
+        steps.done("QEMU")
         await machine.wait_bus()
         await machine.load_state(ckpt.devstate)
+        steps.done("load")
         if order.nic is not None:
             await machine.set_link(False)
     except BaseException:
@@ -312,6 +300,16 @@ async def restore_clone(vms: VMTable, qemu: str, ckpt: Checkpoint, order: CloneO
     ckpt.image.use(name)
     vms.images[name] = ckpt.image
     return clone
+
+
+async def finished(task: asyncio.Task[None] | None) -> None:
+    """Wait for a step that ran alongside one that failed, its own failure logged:
+    what it made is then undone with the rest."""
+    if task is None:
+        return
+    await asyncio.wait([task])
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.debug("and alongside it: %s", error)
 
 
 async def _settle(ckpt: Checkpoint, plan: _Plan, written: pageruns.Runs) -> None:

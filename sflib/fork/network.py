@@ -79,9 +79,16 @@ class CloneNetworks:
         if not hosts:
             return
         peers = [split_address(a)[0] for a in ticket.addresses.values()]
+        self._in_background(self._reach(member.me.family, peers))  # plan finds them reached
         if self.net.underlay:
             peers.append(self.net.underlay)
         self._in_background(self._tell(hosts, messages.NET_PREPARE, member.me.family, peers))
+
+    async def _reach(self, family: int, peers: list[str]) -> None:
+        try:
+            await self.net.connect(family, peers)
+        except SnowFlockError as e:  # plan tries again
+            log.warning("family %d: cannot reach %s yet: %s", family, ", ".join(peers), e)
 
     def _in_background(self, call: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(call)

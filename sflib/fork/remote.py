@@ -31,6 +31,21 @@ class RemoteClones:
         self.bus = bus
         self.memory = memory
         self.link = link
+        self._exporting: set[asyncio.Task[None]] = set()
+
+    def prepare(self, ticket: Ticket) -> None:
+        """Just granted: where the ticket placed clones on other hosts, have this
+        host's memory server up before sf-clone (it starts with the first)."""
+        if any(n for host, n in ticket.placement.items() if host != self.link.host):
+            task = asyncio.get_running_loop().create_task(self._export())
+            self._exporting.add(task)  # held until done: the loop keeps weak references
+            task.add_done_callback(self._exporting.discard)
+
+    async def _export(self) -> None:
+        try:
+            await self.memory.export()
+        except SnowFlockError as e:  # spawn tries again, and says so
+            log.warning("memory server not started: %s", e)
 
     async def spawn(self, ticket: Ticket, ckpt: Checkpoint, parent_domid: int, family: str,
                     reply: dict[str, Any], ids: dict[str, list[int]], started: float,
@@ -38,7 +53,10 @@ class RemoteClones:
         """Start ticket's clones on the other hosts of ids (network: their family
         network, see FamilyNetworks); a host that fails marks its clones crashed.
         Never raises."""
+        exporting = time.perf_counter()
         server = await self.memory.export()
+        log.debug("ticket %s: memory server ready in %.1f ms", ticket.id,
+                  (time.perf_counter() - exporting) * 1000)  # fmt: skip
         order = CloneStart(ticket=ticket.id, ids=[], family=family, parent_domid=parent_domid,
                            owner_host=self.link.host, owner_address=self.link.address,
                            rid=ckpt.rid, reply=reply, manifest=ckpt.manifest(),
@@ -55,6 +73,8 @@ class RemoteClones:
     async def _spawn_on(self, ticket: Ticket, host: str, order: CloneStart,
                         started: float) -> None:  # fmt: skip
         ids = order.ids
+        log.debug("ticket %s: clones %s sent to %s after %.1f ms", ticket.id, ids, host,
+                  (time.perf_counter() - started) * 1000)  # fmt: skip
         try:
             peer = self.link.peer(ticket.addresses[host])
             running = await peer.call(START, **order.to_json())
