@@ -105,8 +105,16 @@ class Standbys:
         if task is None:
             return
         task.cancel()  # start_next stops what it started
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await (await task).stop()
+        try:
+            machine = await task
+        except asyncio.CancelledError:
+            if (me := asyncio.current_task()) is not None and me.cancelling():
+                raise  # the caller is cancelled, not only the standby
+            return  # stopped while it started
+        except Exception as e:  # noqa: BLE001 - it did not start: nothing to stop
+            log.debug("%s: its standby QEMU had failed to start: %s", name, e)
+            return
+        await machine.stop()  # it had started already: cancelling came too late
 
     async def drop_all(self) -> None:
         await asyncio.gather(*(self.drop(name) for name in list(self._next)))

@@ -110,3 +110,35 @@ async def test_no_standby_when_the_setting_is_off(started: list[Any]) -> None:
     standbys.prepare(web)
     assert await standbys.take(web, Path("/m/web.mem")) is None
     assert started == []
+
+
+async def test_dropping_a_standby_that_failed_to_start_is_quiet(
+        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    async def failing(*_: object) -> None:
+        raise RuntimeError("no QEMU")
+
+    monkeypatch.setattr(standby, "start_next", failing)
+    standbys = Standbys(VMS, enabled=True)  # type: ignore[arg-type]
+    standbys.prepare(vm(Path("/m/web.mem")))
+    await asyncio.sleep(0.01)
+    await standbys.drop("web")  # no exception: there was nothing to stop
+
+
+async def test_a_caller_cancelled_while_it_drops_a_standby_is_cancelled(
+        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    async def slow(*_: object) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # stopping what it started takes a while
+            raise
+
+    monkeypatch.setattr(standby, "start_next", slow)
+    standbys = Standbys(VMS, enabled=True)  # type: ignore[arg-type]
+    standbys.prepare(vm(Path("/m/web.mem")))
+    await asyncio.sleep(0.01)
+    dropping = asyncio.create_task(standbys.drop("web"))
+    await asyncio.sleep(0.01)
+    dropping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await dropping
