@@ -31,7 +31,8 @@ all: deps man completion c java
 CFLAGS ?= -O2 -g
 CFLAGS += -Wall -Wextra -Werror -std=gnu11
 C_TARGETS := build/kvm-probe.bin build/libsnowflock.a build/libsnowflock.so build/sf-ctest \
-             build/sf-cxxtest build/sf-cdrive build/sf-tools build/memserver build/memtap build/libnohugepage.so
+             build/sf-cxxtest build/sf-cdrive build/sf-tools build/memserver build/memtap build/libnohugepage.so \
+             build/libwptrack.so
 
 c: $(C_TARGETS)
 
@@ -115,6 +116,10 @@ build/memtap: c/memtap.c c/memproto.h | deps-debian
 
 # Preloaded into QEMUs whose RAM is a memtap file (see the file for why).
 build/libnohugepage.so: c/nohugepage.c | deps-debian
+	@mkdir -p build
+	$(CC) $(CFLAGS) -shared -fPIC -o $@ $<
+
+build/libwptrack.so: c/wptrack.c
 	@mkdir -p build
 	$(CC) $(CFLAGS) -shared -fPIC -o $@ $<
 

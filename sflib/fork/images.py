@@ -14,6 +14,9 @@ those pages (dirty_runs, write_runs):
 
 Either way the cost in the pause is that of the pages the guest changed since the
 last fork, never that of its RAM (sflib.fork.procmem makes it a few system calls).
+Where the kernel tracks QEMU's writes (c/wptrack.c, preloaded into the QEMU a
+parent goes on in: tracking_environment), most of them are copied before the
+pause (prepare_write), and the pause copies only what the guest wrote since.
 Pages written as zeros become holes after the pause, and the zero pages its users'
 faults fill are punched again when a user ends (sflib.fork.holes), so images stay
 sparse. Everything here blocks, but MemoryImage's coroutines: callers run it in a
@@ -34,6 +37,7 @@ from typing import NamedTuple
 from sflib.errors import SystemFailure
 from sflib.fork import holes, pageruns, procmem
 from sflib.fork.pageruns import Runs
+from sflib.paths import BUILD_DIR
 
 log = logging.getLogger(__name__)
 
@@ -200,23 +204,46 @@ def dirty_runs(pid: int, mapped: Path, known: Runs | None = None) -> tuple[int, 
     return start, pageruns.union(known, found) if known else found
 
 
+WPTRACK = BUILD_DIR / "libwptrack.so"
+AHEAD_ROUNDS = 3  # copies before the pause, each of what was written during the last
+AHEAD_ENOUGH = 256  # pages: a round that copied fewer is the last
+
+
+def tracking_environment(memory: Path) -> dict[str, str] | None:
+    """The environment of a parent's next QEMU, mapping memory: the kernel tracks
+    its writes to it (c/wptrack.c). None without the shim (forks then copy in the
+    pause all that the guest wrote)."""
+    if not WPTRACK.is_file():
+        log.warning("%s is missing (run make c): forks copy every page in the pause", WPTRACK)
+        return None
+    return {**os.environ, "LD_PRELOAD": str(WPTRACK), "SF_WPTRACK": os.fspath(memory)}
+
+
 class Prepared(NamedTuple):
     """What prepare_write did before the pause."""
 
     mapping: procmem.SharedMapping | None  # of the target; None: the pause maps it
     own: Runs  # the pages QEMU had its own copies of then, for dirty_runs
+    copied: Runs | None = None  # QEMU tracks writes: the pages copied already
 
 
 def prepare_write(pid: int, mapped: Path, image: Path, free: Runs) -> Prepared:
-    """Before the pause: a shared mapping of image in which the pages QEMU pid has
-    its own copies of now (they will be written in the pause), the free ones left
-    out, are present already, so the pause only copies; and those pages, so the
-    pause scans only the others. Never raises."""
+    """Before the pause: a shared mapping of image in which the pages the pause
+    will write, the free ones left out, are present already, so the pause only
+    copies. Where QEMU pid tracks its writes, the pages it wrote are copied now
+    (copy_ahead), and the pause writes only those it writes after; else the pages
+    it has its own copies of are found now, so the pause scans only the others.
+    Never raises."""
     try:
         mapping = procmem.SharedMapping(image)
     except OSError as e:
         log.warning("cannot map %s before the pause: %s", image, e.strerror)
         return Prepared(None, [])
+    if procmem.tracks_writes(pid):
+        try:
+            return Prepared(mapping, [], copy_ahead(pid, mapped, image, free, mapping))
+        except (OSError, SystemFailure, procmem.Unsupported) as e:  # the pause copies all
+            log.warning("pages of %s not copied before the pause: %s", image, e)
     runs: Runs = []
     try:
         _, runs = dirty_runs(pid, mapped)
@@ -224,6 +251,30 @@ def prepare_write(pid: int, mapped: Path, image: Path, free: Runs) -> Prepared:
     except (OSError, SystemFailure) as e:  # the pause faults them in instead
         log.warning("pages of %s not made present before the pause: %s", image, e)
     return Prepared(mapping, runs)
+
+
+def copy_ahead(pid: int, mapped: Path, image: Path, free: Runs,
+               mapping: procmem.SharedMapping) -> Runs:  # fmt: skip
+    """While QEMU pid runs: copy the pages it wrote into image, write-protecting
+    them again as they are found, then what it wrote meanwhile, a few rounds.
+    Returns the pages copied. Raises SystemFailure, Unsupported or OSError."""
+    start, end = mapping_of(pid, mapped)
+    copied: Runs = []
+    for _ in range(AHEAD_ROUNDS):
+        runs = pageruns.subtract(procmem.written_runs(pid, start, end, protect=True), free)
+        mapping.populate(runs)
+        write_runs(pid, start, runs, image, mapping)
+        copied = pageruns.union(copied, runs)
+        if pageruns.count(runs) < AHEAD_ENOUGH:
+            break
+    return copied
+
+
+def written_since(pid: int, mapped: Path) -> tuple[int, Runs]:
+    """In the pause, after copy_ahead: the pages QEMU pid wrote since, and the
+    mapping's start. Raises SystemFailure, Unsupported or OSError."""
+    start, end = mapping_of(pid, mapped)
+    return start, procmem.written_runs(pid, start, end, protect=False)
 
 
 def write_runs(pid: int, start: int, runs: Runs, image: Path,

@@ -49,6 +49,7 @@ class _Plan:
     free: pageruns.Runs = dataclasses.field(default_factory=list)  # file page runs
     mapping: procmem.SharedMapping | None = None  # of target, its pages to write present
     own: pageruns.Runs = dataclasses.field(default_factory=list)  # QEMU's own before the pause
+    copied: pageruns.Runs | None = None  # QEMU tracks writes: copied before the pause
 
 
 async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: bool, dir: Path,
@@ -125,7 +126,8 @@ async def _mapped(vm: VM, plan: _Plan) -> _Plan:
     )
     try:
         prepared = await asyncio.shield(task)
-        return dataclasses.replace(plan, mapping=prepared.mapping, own=prepared.own)
+        return dataclasses.replace(plan, mapping=prepared.mapping, own=prepared.own,
+                                   copied=prepared.copied)  # fmt: skip
     except asyncio.CancelledError:  # the thread runs on: its mapping must not leak
         task.add_done_callback(_close_mapping)
         raise
@@ -188,8 +190,9 @@ async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: P
         await old.stop()
         raise
     steps.done("cont")
-    log.info("%s: %d pages written into its image; the pause: %s", old.spec.name,
-             sum(count for _, count in written), steps)  # fmt: skip
+    log.info("%s: %d pages written into its image, %d of them before the pause; the "
+             "pause: %s", old.spec.name, pageruns.count(written),
+             pageruns.count(plan.copied or []), steps)  # fmt: skip
     return snap, written
 
 
@@ -201,19 +204,31 @@ def _freeze_memory(pid: int, plan: _Plan, image_path: Path) -> tuple[pageruns.Ru
         os.rename(plan.mapped, image_path)
         return [], 0.0
     started = time.perf_counter()
-    start, runs = images.dirty_runs(pid, plan.mapped, plan.own)
+    start, runs = _changed(pid, plan)
     scan_ms = (time.perf_counter() - started) * 1000
     # The guest's free pages (sf-clone holds them, zeroed, and nobody reads them) are
     # punched after the pause: copying them would cost the most, for nothing.
-    written = pageruns.subtract(runs, plan.free)
+    fresh = pageruns.subtract(runs, plan.free)
     changed = pageruns.count(runs)
-    log.debug("%d pages changed since the last fork, %d of them reported free", changed,
-              changed - sum(count for _, count in written))  # fmt: skip
-    images.write_runs(pid, start, written, plan.target, plan.mapping)
+    log.debug("%d pages changed, %d of them reported free", changed,
+              changed - pageruns.count(fresh))  # fmt: skip
+    images.write_runs(pid, start, fresh, plan.target, plan.mapping)
+    written = pageruns.union(plan.copied or [], fresh)
     if plan.in_place:
         plan.base.free_map.unlink(missing_ok=True)  # it marked pages of the last fork
         os.rename(plan.target, image_path)
     return written, scan_ms
+
+
+def _changed(pid: int, plan: _Plan) -> tuple[int, pageruns.Runs]:
+    """The pages the pause must write: those written since they were copied before
+    it, or (QEMU not tracking its writes) all it has its own copies of."""
+    if plan.copied is not None:
+        try:
+            return images.written_since(pid, plan.mapped)
+        except (OSError, procmem.Unsupported) as e:  # every own page: a superset
+            log.warning("pages written since the copy unknown: %s", e)
+    return images.dirty_runs(pid, plan.mapped, plan.own)
 
 
 async def _undo(old: Machine, new: Machine, plan: _Plan, image_path: Path, dir: Path) -> None:

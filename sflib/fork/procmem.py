@@ -27,9 +27,11 @@ SCAN_REGIONS = 4096  # page_region entries per PAGEMAP_SCAN call
 
 # <linux/fs.h>: _IOWR('f', 16, struct pm_scan_arg), and the page categories.
 PAGEMAP_SCAN = (3 << 30) | (96 << 16) | (ord("f") << 8) | 16
+PAGE_IS_WRITTEN = 1 << 1  # not write-protected: written since the last protection
 PAGE_IS_FILE = 1 << 2
 PAGE_IS_PRESENT = 1 << 3
 PAGE_IS_SWAPPED = 1 << 4
+PM_SCAN_WP_MATCHING = 1 << 0  # write-protect the pages found, in the same walk
 _MADV_POPULATE_WRITE = 23  # <linux/mman.h>
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -60,12 +62,15 @@ def own_runs(pid: int, start: int, end: int,
     [start, end) that are its own copies: present and not file pages, or swapped
     (as sflib.fork.images.own_page_runs reads them from the page map). within:
     only those page runs (relative to start, in order) are looked at; the walk
-    costs about 100 ns a mapped page. Raises Unsupported or OSError."""
+    costs about 100 ns a mapped page. Swapped means swapped only where the host
+    has swap: the write-protection markers of a mapping that tracks writes (every
+    page not faulted in) read as swapped too. Raises Unsupported or OSError."""
     regions = (ctypes.c_uint64 * (3 * SCAN_REGIONS))()
+    anyof = PAGE_IS_PRESENT | (PAGE_IS_SWAPPED if _has_swap() else 0)
     arg = _ScanArg(size=ctypes.sizeof(_ScanArg), vec=ctypes.addressof(regions),
                    vec_len=SCAN_REGIONS,
                    category_inverted=PAGE_IS_FILE, category_mask=PAGE_IS_FILE,
-                   category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)  # fmt: skip
+                   category_anyof_mask=anyof)  # fmt: skip
     ranges = [(0, (end - start) // PAGE)] if within is None else within
     runs: list[tuple[int, int]] = []
     fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
@@ -76,6 +81,53 @@ def own_runs(pid: int, start: int, end: int,
     finally:
         os.close(fd)
     return runs
+
+
+def tracks_writes(pid: int) -> bool:
+    """Whether process pid has the kernel track its writes to guest RAM: c/wptrack.c
+    holds a userfaultfd open once it armed it, and closes it if it could not."""
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"{fds}/{name}") == "anon_inode:[userfaultfd]":
+                return True
+        except OSError:
+            continue  # closed meanwhile
+    return False
+
+
+def written_runs(pid: int, start: int, end: int, protect: bool) -> list[tuple[int, int]]:
+    """(first, count) page runs, relative to start, of process pid's mapping
+    [start, end) written since they were last write-protected, where the process
+    tracks its writes to it (c/wptrack.c); protect: write-protect them again in the
+    same walk, so that the next call finds only what is written after it. Only
+    for a process that tracks_writes: an untracked mapping reads as written all
+    over, or, with protect, as not written at all. Raises Unsupported or OSError."""
+    regions = (ctypes.c_uint64 * (3 * SCAN_REGIONS))()
+    arg = _ScanArg(size=ctypes.sizeof(_ScanArg), flags=PM_SCAN_WP_MATCHING if protect else 0,
+                   start=start, end=end, vec=ctypes.addressof(regions),
+                   vec_len=SCAN_REGIONS, category_mask=PAGE_IS_WRITTEN,
+                   return_mask=PAGE_IS_WRITTEN)  # fmt: skip
+    runs: list[tuple[int, int]] = []
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        _scan(fd, arg, regions, start, runs)
+    finally:
+        os.close(fd)
+    return runs
+
+
+def _has_swap() -> bool:
+    """Whether any swap is on (/proc/swaps lists more than its heading)."""
+    try:
+        with open("/proc/swaps", "rb") as swaps:
+            return len(swaps.read().splitlines()) > 1
+    except OSError:
+        return True  # unknown: count swapped pages, a superset
 
 
 def _scan(fd: int, arg: _ScanArg, regions: ctypes.Array[ctypes.c_uint64], start: int,

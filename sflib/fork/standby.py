@@ -30,6 +30,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from sflib.fork import images
 from sflib.net import tap
 from sflib.sfld.vms import VM, VMTable
 from sflib.vm.machine import Machine
@@ -46,6 +47,7 @@ async def start_next(vms: VMTable, vm: VM, memory: Path) -> Machine:
                                 owns_memory=False, extra={})  # fmt: skip
     spec = dataclasses.replace(old.spec, incoming="defer", share_memory=False)  # same tap
     new = Machine(old.qemu, spec, files, vms.bus, old.qemu_log)
+    new.env = images.tracking_environment(memory)  # its next fork copies ahead
     new.hold_bus = True
     keeper = tap.HeaderKeeper(spec.nic.fd) if spec.nic is not None else None
     try:

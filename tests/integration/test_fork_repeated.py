@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sflib.fork import procmem
 from sflib.image import build as image
 from sflib.image.overlay import overlay
 from tests.integration.conftest import Cluster, Host, boot, console, qemu_processes, running_cluster
@@ -76,6 +77,13 @@ def test_five_forks_in_a_row_each_see_the_memory_at_their_fork(host: Host) -> No
     while len(qemu_processes(host.memory_dir)) != 2 and time.monotonic() < deadline:
         time.sleep(0.5)  # the last fork's standby is started once its clones are
     assert len(qemu_processes(host.memory_dir)) == 2, qemu_processes(host.memory_dir)
+    # The kernel tracks what both write (c/wptrack.c), so forks 2-5 copied the pages
+    # the guest wrote before their pause, and the pause only those written after.
+    for line in qemu_processes(host.memory_dir):
+        assert procmem.tracks_writes(int(line.split()[0])), line
+    ahead = [int(n) for n in re.findall(r"rounds: \d+ pages written into its image, (\d+) of "
+                                        r"them before the pause", log)]  # fmt: skip
+    assert len(ahead) == 5 and ahead[0] == 0 and all(n > 0 for n in ahead[1:]), ahead
     host.tool("sf-vm", "stop", "rounds")
     assert host.leftovers() == []
 

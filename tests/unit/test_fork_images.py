@@ -110,10 +110,12 @@ f = open(sys.argv[1], "r+b")
 m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
 for pages in ((1, 2, 30), (2, 10, 11, 63)):  # before the look ahead, then in the pause
     for page in pages:
-        m[page * 4096] = 0xB0 + page
+        m[page * 4096] = 0xB0 + page + (page == 2 and pages[0] == 2)
     _ = m[20 * 4096]  # read only
     print("ready", flush=True)
     sys.stdin.readline()
+print(m[:].hex(), flush=True)
+sys.stdin.readline()
 """
 
 
@@ -137,6 +139,88 @@ def test_a_scan_that_skips_the_pages_found_before_finds_what_was_written_since(
         proc.kill()
         proc.wait()
     assert found == everything == [(1, 2), (10, 2), (30, 1), (63, 1)]
+
+
+def tracked(script: str, image: Path) -> subprocess.Popen[str]:
+    """A process whose writes to its private mapping of image the kernel tracks, as
+    a parent's QEMU does (c/wptrack.c)."""
+    if not images.WPTRACK.is_file():
+        pytest.skip(f"{images.WPTRACK} is not built (make c)")
+    env = {**os.environ, "LD_PRELOAD": str(images.WPTRACK), "SF_WPTRACK": str(image)}
+    return subprocess.Popen([sys.executable, "-c", script, str(image)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+
+
+def test_pages_copied_before_the_pause_and_those_written_after_make_the_image(
+        image: Path) -> None:  # fmt: skip
+    """A tracked QEMU's pages are copied while it runs; the pause writes only what
+    it wrote after, a page written again included, and the image is its view."""
+    proc = tracked(TWO_ROUNDS, image)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "ready\n"
+        assert procmem.tracks_writes(proc.pid)
+        mapping, own, copied = images.prepare_write(proc.pid, image, image, free=[(30, 1)])
+        assert mapping is not None and own == []
+        try:
+            assert copied == [(1, 2)]  # page 30 is free: never copied
+            assert image.read_bytes()[2 * PAGE] == 0xB2
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == "ready\n"
+            start, since = images.written_since(proc.pid, image)
+            assert since == [(2, 1), (10, 2), (63, 1)]  # 2 again; not the ones read
+            assert images.write_runs(proc.pid, start, since, image, mapping) == 4
+        finally:
+            mapping.close()
+        seen = mmap_view(proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    data = image.read_bytes()
+    pages = [p for p in range(64) if p != 30]  # the free page holds what it held
+    assert [data[p * PAGE : (p + 1) * PAGE] for p in pages] == [seen[p] for p in pages]
+
+
+def test_the_own_pages_of_a_tracked_process_are_the_ones_it_wrote(image: Path) -> None:
+    """Its write-protection markers read as swapped pages: without swap they are not
+    counted, or a fork falling back to the own pages would copy all of RAM."""
+    if procmem._has_swap():
+        pytest.skip("this host has swap: swapped pages count as own")
+    proc = tracked(TWO_ROUNDS, image)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        _, own = images.dirty_runs(proc.pid, image)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert own == [(1, 2), (30, 1)]
+
+
+def mmap_view(proc: subprocess.Popen[str]) -> dict[int, bytes]:
+    """What the process sees, page by page (it prints its mapping as hex)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("dump\n")
+    proc.stdin.flush()
+    raw = bytes.fromhex(proc.stdout.readline())
+    return {p: raw[p * PAGE : (p + 1) * PAGE] for p in range(len(raw) // PAGE)}
+
+
+def test_an_untracked_process_has_its_own_pages_found_before_the_pause(image: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", TWO_ROUNDS, str(image)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        assert not procmem.tracks_writes(proc.pid)
+        prepared = images.prepare_write(proc.pid, image, image, free=[])
+        assert prepared.mapping is not None
+        prepared.mapping.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert prepared.copied is None and prepared.own == [(1, 2), (30, 1)]
 
 
 MANY_RUNS = """
@@ -206,7 +290,7 @@ def test_pages_made_present_before_the_pause_are_written_the_same(image: Path) -
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline() == "ready\n"
-        mapping, own = images.prepare_write(proc.pid, image, image, free=[(4, 1)])
+        mapping, own, _ = images.prepare_write(proc.pid, image, image, free=[(4, 1)])
         assert mapping is not None
         try:
             start, runs = images.dirty_runs(proc.pid, image, own)
