@@ -3,8 +3,9 @@ baselines in the same run (issue 12, item 6):
 
 - a bare XenStore read round trip from a guest process (through sf-guestd and the
   virtio-serial port), and an empty Python process;
-- one request to sfld made in-process from C (libsnowflock, build/sf-cdrive) and
-  from Python (import snowflock): a join of an unknown ticket, one round trip;
+- one request to sfld made in-process from C (libsnowflock, build/sf-cdrive), C++
+  (snowflock.hpp, build/sf-cxxtest) and Python (import snowflock): a join of an
+  unknown ticket, one round trip;
 - each tool as a shell script calls it (its whole run, start to exit), against the
   C request (goal: within 250 ms of it);
 - the parent's sf-clone, with and without avoidance, against the pause sfld logged
@@ -65,6 +66,9 @@ timed("python3 -c pass", ["python3", "-c", "pass"])
 for _ in range(N):
     c = run(["sf-cdrive", "bench", "10", "t999-nosuch"]).stdout.split()
     R.setdefault("C request (in-process)", []).append(float(c[1]) / 1000)
+for _ in range(N):
+    c = run(["sf-cxxtest", "bench", "10"]).stdout.split()
+    R.setdefault("C++ request (in-process)", []).append(float(c[1]) / 1000)
 import snowflock
 for _ in range(10 * N):
     t = time.perf_counter()
@@ -127,12 +131,14 @@ def guest_script(rounds: int, py: str = GUEST_PY) -> str:
 
 
 def bench_image() -> Path:
-    """The image with build/sf-cdrive in /usr/bin (linked to the image's libsnowflock)."""
-    built = subprocess.run(["make", "-C", str(PROJECT_ROOT), "build/sf-cdrive"],
+    """The image with build/sf-cdrive (linked to the image's libsnowflock) and
+    build/sf-cxxtest (static) in /usr/bin."""
+    programs = ("sf-cdrive", "sf-cxxtest")
+    built = subprocess.run(["make", "-C", str(PROJECT_ROOT), *(f"build/{p}" for p in programs)],
                            capture_output=True, text=True, check=False)  # fmt: skip
     if built.returncode:
-        raise SystemExit(f"make build/sf-cdrive failed:\n{built.stdout}{built.stderr}")
-    files = {"/usr/bin/sf-cdrive": ((BUILD_DIR / "sf-cdrive").read_bytes(), 0o755)}
+        raise SystemExit(f"make {' '.join(programs)} failed:\n{built.stdout}{built.stderr}")
+    files = {f"/usr/bin/{p}": ((BUILD_DIR / p).read_bytes(), 0o755) for p in programs}
     return overlay(image.default_out(), BUILD_DIR / "bench" / "guest-image", files)
 
 

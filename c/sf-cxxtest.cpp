@@ -8,10 +8,14 @@
 // Then the verdict: "CXX-TEST PASS", or "CXX-TEST FAIL: reason". Exits 0 or 1.
 // With the argument "more" (against the fake sfld only, which forks nothing), the
 // other calls instead: checkpoint_parent, create_clones and kill, and the errors of
-// a used-up ticket.
+// a used-up ticket. With "bench N [TICKET]" (bench/guest_bench.py): N joins of
+// TICKET (default t999-nosuch), each one round trip whatever its outcome, then
+// "MEAN-MS X".
 #include "snowflock.hpp"
 
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <string>
 
@@ -87,10 +91,38 @@ bool check_more_calls()
                   SF_ENOTFOUND, "create_clones from a made-up checkpoint");
 }
 
+// N joins of ticket id, timed; an error (an unknown ticket) is one round trip too.
+int bench(int n, const char* id)
+{
+    sf_ticket_t named = {"", 1, 1};
+    std::snprintf(named.id, sizeof named.id, "%s", id);
+    auto started = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; i++) {
+        snowflock::Ticket t(named);
+        try {
+            t.join();
+        } catch (const snowflock::Error& e) {
+            if (e.code() != SF_ENOTFOUND && e.code() != SF_EUSAGE)
+                return fail(std::string("join: ") + e.what()), 1;
+        }
+    }
+    std::chrono::duration<double, std::milli> took = std::chrono::steady_clock::now() - started;
+    std::cout << "MEAN-MS " << took.count() / n << std::endl;
+    return 0;
+}
+
 } // namespace
 
 int main(int argc, char** argv)
 {
+    if (argc > 2 && std::string(argv[1]) == "bench") {
+        int n = std::atoi(argv[2]);
+        if (n <= 0) {
+            std::cerr << "usage: sf-cxxtest bench N [TICKET]" << std::endl;
+            return 2;
+        }
+        return bench(n, argc > 3 ? argv[3] : "t999-nosuch");
+    }
     bool more = argc > 1 && std::string(argv[1]) == "more";
 
     try {

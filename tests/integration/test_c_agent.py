@@ -192,3 +192,11 @@ async def test_latency_of_a_request_through_the_agent(guest: Guest) -> None:
     mean_ms = float(got.out[0][1])
     print(f"\nsf_request_ticket through the agent: {mean_ms:.3f} ms per call")  # pytest -s
     assert mean_ms < 50
+
+
+async def test_cxx_bench_times_joins_of_an_unknown_ticket(guest: Guest) -> None:
+    got = await run(guest, "sf-cxxtest", "bench", "20")
+    assert got.code == 0 and got.out[0][0] == "MEAN-MS" and float(got.out[0][1]) > 0, got
+    assert [op for op, _ in guest.sfld.requests] == ["join"] * 20
+    bad = await run(guest, "sf-cxxtest", "bench", "0")
+    assert bad.code == 2
