@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define DEBUG_OPT {"--debug", 0, NULL, NULL, "Log debug messages and show tracebacks on errors."}
@@ -100,6 +101,14 @@ static int ticket_main(int argc, char **argv)
 
 /* sf-clone and sf-checkpoint --------------------------------------------------------- */
 
+static double now_ms(void)
+{
+    struct timespec ts;
+
+    (void)clock_gettime(CLOCK_MONOTONIC, &ts); /* cannot fail with this clock */
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
 static const struct sfa_cmd CLONE = {
     "sf-clone", "Clone this VM with TICKET; print 0 in the parent, the clone's ID in clones.",
     "With --from, the clones resume inside sf-checkpoint instead, and this prints 0.",
@@ -153,7 +162,9 @@ static int fork_vm(const struct sfa_line *line, const char *op, const char *tick
             args[nargs++] = (struct sfp_arg){"freepages", held.key, 0};
     }
     (void)fflush(NULL); /* else every clone would write the buffered output again */
+    double asked = now_ms();
     rc = sfc_request(op, args, nargs, &result, why, sizeof why);
+    sfa_log(SFA_DEBUG, "sfld answered in %.0f ms", now_ms() - asked);
     if (rc >= 0)
         held.key[0] = '\0'; /* sfld took the report: no round trip to remove it */
     sff_release(&held); /* in the parent and in every clone */
@@ -166,7 +177,10 @@ static int fork_vm(const struct sfa_line *line, const char *op, const char *tick
         protocol_error(op);
     if (checkpoint)
         snprintf(checkpoint, size, "%s", name);
+    double forked = now_ms();
     sfc_after_fork(seed, rc, sfa_get(line, "--hooks-dir"), hook_said);
+    sfa_log(SFA_DEBUG, "reseeded%s in %.0f ms", rc > 0 ? " and ran the hooks" : "",
+            now_ms() - forked);
     sfj_free(&result);
     return rc;
 }

@@ -80,6 +80,16 @@ async def checkpoint_parent(vms: VMTable, vm: VM, checkpoint_id: str, named: boo
     except BaseException:
         await _unplan(plan)
         raise
+    try:
+        dir.mkdir(parents=True)
+        (dir / "devstate").touch()  # written in the pause; QEMU gets its descriptor now
+        await new.prepare_load(dir / "devstate")
+        before.done("state descriptor")
+    except BaseException:
+        shutil.rmtree(dir, ignore_errors=True)
+        await new.stop()
+        await _unplan(plan)
+        raise
     old = vm.machine
     started = time.perf_counter()
     try:
@@ -165,7 +175,6 @@ async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: P
     await old.pause()
     try:
         steps.done("stop")
-        dir.mkdir(parents=True)
         await old.save_devices(dir / "devstate")
         steps.done("devices")
         # Not what its clones shared: theirs, not a clone's, and it grows fork by fork.

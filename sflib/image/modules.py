@@ -15,9 +15,9 @@ from sflib.errors import NotFoundError, UsageError
 
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 
-# What the guest needs: the virtio PCI transport, the XenStore channel, networking,
-# memory given back to the host. Their dependencies are resolved, not listed here.
-GUEST_MODULES = ("virtio_pci", "virtio_console", "virtio_net", "virtio_balloon")
+# What the guest needs: the virtio PCI transport, the XenStore channel, networking.
+# Their dependencies are resolved, not listed here.
+GUEST_MODULES = ("virtio_pci", "virtio_console", "virtio_net")
 
 DepMap = dict[str, list[str]]  # module path (relative to lib/modules/<ver>) -> deps
 

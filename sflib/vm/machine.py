@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import EventListener, QMPClient, QMPError
 
 from sflib import run
 from sflib.errors import OperationTimeout, SystemFailure
@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 QMP_TIMEOUT = 30.0
 INCOMING_FD = "sf-incoming"  # the name QEMU knows the device state's descriptor by
+
+
+def _no_event(_event: object) -> bool:
+    return False
 
 
 class Machine:
@@ -41,6 +45,9 @@ class Machine:
         self.log = log.getChild(spec.name)
         self.proc: asyncio.subprocess.Process | None = None
         self.qmp = QMPClient(spec.name)
+        # Its default listener would keep every event for ever (it cannot be
+        # removed): it takes none. Listeners here last one command (load_state).
+        self.qmp.events.event_filter = _no_event
         self.channel: Connection | None = None  # set beforehand to continue a session
         self.hold_bus = False  # set beforehand: keep the channel for take_over()
         self._held: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -51,6 +58,7 @@ class Machine:
         self._stop_lock = asyncio.Lock()
         self._stopped = False
         self._ignoring_shared: bool | None = None  # x-ignore-shared as last set
+        self._load_from: Path | None = None  # prepare_load's file, until loaded
 
     @property
     def argv(self) -> list[str]:
@@ -180,15 +188,15 @@ class Machine:
         as an eager snapshot (virsh save) does. Raises SystemFailure if QEMU's
         migration fails."""
         await self._ignore_shared(False)
-        await self.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
-        await self._migration_done()
+        with self.qmp.listener("MIGRATION") as events:
+            await self.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+            await self._migration_done(events)
 
-    async def load_state(self, path: Path, with_ram: bool = False) -> None:
-        """Load a device state (save_devices, or save_state with_ram) into a VM
-        started with incoming="defer"; it stays paused. QEMU reads the file through
-        a descriptor passed to it: no shell and cat forked from QEMU in a pause.
-        Raises SystemFailure."""
-        await self.expect_state(with_ram)
+    async def prepare_load(self, path: Path) -> None:
+        """Pass QEMU (started with incoming="defer") a descriptor of path, from
+        which load_state(path) loads. path may be empty yet: a save_devices into it
+        truncates and rewrites the same file, so the descriptor reads what it wrote,
+        and the pause has a QMP round trip less. Raises SystemFailure."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -201,8 +209,23 @@ class Machine:
             await self.execute("getfd", {"fdname": INCOMING_FD})
         finally:
             os.close(fd)  # QEMU has its own copy now
-        await self.execute("migrate-incoming", {"uri": f"fd:{INCOMING_FD}"})
-        await self._migration_done()
+        self._load_from = path
+
+    async def load_state(self, path: Path, with_ram: bool = False) -> None:
+        """Load a device state (save_devices, or save_state with_ram) into a VM
+        started with incoming="defer"; it stays paused. QEMU reads the file through
+        a descriptor passed to it (prepare_load, unless that was done for path
+        already): no shell and cat forked from QEMU in a pause. Raises
+        SystemFailure."""
+        await self.expect_state(with_ram)
+        if self._load_from != path:
+            await self.prepare_load(path)
+        self._load_from = None
+        # QEMU loads the state in its main loop, and says with an event when it
+        # has: polling would add a sleep and a round trip to every pause.
+        with self.qmp.listener("MIGRATION") as events:
+            await self.execute("migrate-incoming", {"uri": f"fd:{INCOMING_FD}"})
+            await self._migration_done(events)
 
     async def expect_state(self, with_ram: bool = False) -> None:
         """Tell QEMU what the state it will load holds (RAM or not); load_state
@@ -211,24 +234,56 @@ class Machine:
 
     async def _ignore_shared(self, ignore: bool) -> None:
         # RAM lives in a shared file: the state stream leaves it out (DESIGN §2).
+        # "events": QEMU says when a migration's state changes (_migration_done).
         if self._ignoring_shared is ignore:
             return
-        caps = [{"capability": "x-ignore-shared", "state": ignore}]
+        caps = [{"capability": "x-ignore-shared", "state": ignore},
+                {"capability": "events", "state": True}]  # fmt: skip
         await self.execute("migrate-set-capabilities", {"capabilities": caps})
         self._ignoring_shared = ignore
 
-    async def _migration_done(self, timeout: float = 60.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            info = await self.execute("query-migrate")
-            status = info.get("status")
+    async def _migration_done(self, events: EventListener, timeout: float = 60.0) -> None:
+        """Until QEMU's MIGRATION event says the migration completed. Raises
+        SystemFailure if it failed (an incoming QEMU exits then), OperationTimeout
+        if it has not ended in time."""
+        assert self.proc is not None
+        ended = asyncio.ensure_future(self._migration_ended(events))
+        exited = asyncio.ensure_future(self.proc.wait())
+        try:
+            done, _ = await asyncio.wait({ended, exited}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            ended.cancel()
+            exited.cancel()
+        if ended in done:
+            status = ended.result()
             if status == "completed":
                 return
-            if status in ("failed", "cancelled"):
-                raise SystemFailure(f"migration {status}: {info.get('error-desc', 'no reason')}")
-            if asyncio.get_running_loop().time() > deadline:
-                raise OperationTimeout(f"migration not done in {timeout:g} s ({status})")
-            await asyncio.sleep(0.002)
+            raise SystemFailure(f"migration {status}: {await self._migration_error()}")
+        if exited in done:
+            raise SystemFailure(f"QEMU exited with status {self.proc.returncode} while "
+                                f"migrating: {self.qemu_error()}")  # fmt: skip
+        raise OperationTimeout(f"migration not done in {timeout:g} s")
+
+    async def _migration_error(self) -> str:
+        """Why a migration failed, in QEMU's words: query-migrate's, or, since an
+        incoming QEMU exits as it fails, its log's last line."""
+        assert self.proc is not None
+        with contextlib.suppress(SystemFailure):  # gone already: its log says why
+            desc = (await self.execute("query-migrate")).get("error-desc")
+            if desc:
+                return str(desc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), 5.0)
+        return self.qemu_error()
+
+    @staticmethod
+    async def _migration_ended(events: EventListener) -> str:
+        status = ""
+        while status not in ("completed", "failed", "cancelled"):
+            data = (await events.get())["data"]  # QEMU's MIGRATION always has one
+            status = str(data.get("status", "")) if isinstance(data, dict) else ""
+        return status
 
     async def wait(self) -> int:
         assert self.proc is not None

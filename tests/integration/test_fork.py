@@ -112,6 +112,25 @@ def test_checkpoint_now_clones_later(host: Host) -> None:
     assert host.leftovers() == []
 
 
+def test_clones_of_a_corrupt_checkpoint_fail_with_qemus_reason(host: Host) -> None:
+    """A device state cut short: each clone's QEMU refuses it and exits while
+    loading; sfld says so (not a timeout), the clones are failed, and nothing stays."""
+    info = boot(host, "torn", CHECKPOINT)
+    text = console(host, "torn", "CKPT")
+    ckpt = re.search(r"^CKPT (\S+)", text, re.M).group(1)  # type: ignore[union-attr]
+    devstate = host.root / "var/lib/snowflock/checkpoints" / ckpt / "devstate"
+    whole = devstate.read_bytes()
+    devstate.write_bytes(whole[: len(whole) // 2])
+    host.xenstore("xenstore-write", f"/local/domain/{info['domid']}/go", "1")
+    out = console(host, "torn")
+    assert "CREATE 0" in out and "JOIN rc=1" in out, out[-2000:]
+    log = host.log.read_text()
+    assert "while migrating" in log or "migration failed" in log, log[-3000:]
+    assert "migration not done" not in log
+    host.tool("sf-vm", "stop", "torn")
+    assert host.leftovers() == []
+
+
 KILL = (
     """
 t=$(sf-ticket 2)
