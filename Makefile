@@ -32,7 +32,7 @@ CFLAGS ?= -O2 -g
 CFLAGS += -Wall -Wextra -Werror -std=gnu11
 C_TARGETS := build/kvm-probe.bin build/libsnowflock.a build/libsnowflock.so build/sf-ctest \
              build/sf-cxxtest build/sf-cdrive build/sf-tools build/memserver build/memtap build/libnohugepage.so \
-             build/libwptrack.so
+             build/libwptrack.so build/libtaphold.so
 
 c: $(C_TARGETS)
 
@@ -122,6 +122,12 @@ build/libnohugepage.so: c/nohugepage.c | deps-debian
 build/libwptrack.so: c/wptrack.c
 	@mkdir -p build
 	$(CC) $(CFLAGS) -shared -fPIC -o $@ $<
+
+# Preloaded into every QEMU with a network card: it shares the card's tap with its
+# VM's other QEMU without touching what that one uses (see the file for how).
+build/libtaphold.so: c/taphold.c
+	@mkdir -p build
+	$(CC) $(CFLAGS) -shared -fPIC -o $@ $< -ldl
 
 build/sf-unittest: c/sf-unittest.c $(LIBSF_HEADERS) build/libsnowflock.a
 	$(CC) $(CFLAGS) -pthread -o $@ $< build/libsnowflock.a -lz

@@ -172,6 +172,7 @@ async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: P
     SnowFlockError."""
     old = vm.machine
     steps = Steps()
+    old.set_tap_held(True)  # frames wait in the tap for new, which reads once loaded
     await old.pause()
     try:
         steps.done("stop")
@@ -251,6 +252,7 @@ async def _undo(old: Machine, new: Machine, plan: _Plan, image_path: Path, dir: 
     shutil.rmtree(dir, ignore_errors=True)
     await new.stop()
     with contextlib.suppress(Exception):
+        old.set_tap_held(False)
         await old.resume()
 
 

@@ -11,11 +11,10 @@ date in place. A fork that must copy the image instead (clones or checkpoints
 still map it) cannot use it: the standby is stopped and the fork starts its next
 QEMU as before.
 
-A new QEMU resets the header size of the tap it shares with the running one, which
-sfld puts back within about a millisecond (sflib.net.tap.HeaderKeeper): frames in
-that window are lost (TCP sends them again). QEMU's tap set-up may turn the tap's
-offloads off too; the host then checksums and segments frames itself (right, if
-slower) until a fork's QEMU loads the card's state.
+A standby shares the VM's tap with the QEMU that runs it, and holds it
+(sflib.net.tap.Hold) until it loads the VM's state: it reads no frame (one it read
+would never reach the guest) and leaves the tap's header size and offloads as the
+running QEMU set them.
 
 A standby costs a QEMU process that runs no guest code, and its two sockets; it
 stops with its VM and dies with sfld (run.spawn's parent-death signal). Clones get
@@ -25,13 +24,11 @@ one only after their own first fork.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from pathlib import Path
 
 from sflib.fork import images
-from sflib.net import tap
 from sflib.sfld.vms import VM, VMTable
 from sflib.vm.machine import Machine
 
@@ -48,13 +45,11 @@ async def start_next(vms: VMTable, vm: VM, memory: Path) -> Machine:
     spec = dataclasses.replace(old.spec, incoming="defer", share_memory=False)  # same tap
     new = Machine(old.qemu, spec, files, vms.bus, old.qemu_log)
     new.env = images.tracking_environment(memory)  # its next fork copies ahead
-    new.hold_bus = True
-    keeper = tap.HeaderKeeper(spec.nic.fd) if spec.nic is not None else None
+    new.hold_bus = new.hold_tap = True
     try:
-        with keeper or contextlib.nullcontext():  # until its machine is made, wholly
-            await new.start()
-            await new.wait_bus()
-            await new.expect_state()  # one QMP round trip less in the pause
+        await new.start()
+        await new.wait_bus()
+        await new.expect_state()  # one QMP round trip less in the pause
     except BaseException:
         await new.stop()
         raise

@@ -13,9 +13,11 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-import threading
+from collections.abc import Mapping
+from pathlib import Path
 
 from sflib.errors import SystemFailure
+from sflib.paths import BUILD_DIR
 
 TUNSETIFF = 0x400454CA
 TUNGETVNETHDRSZ = 0x800454D7
@@ -60,37 +62,52 @@ def set_vnet_header_size(fd: int, size: int) -> None:
         raise SystemFailure(f"cannot set the tap's virtio-net header size: {e.strerror}") from e
 
 
-class HeaderKeeper:
-    """Keeps a tap's virtio-net header size while a new QEMU starts on it: QEMU
-    sets the size to its new card's (10 bytes) as it makes the card, under the
-    QEMU that runs the guest (12 once the guest negotiated VERSION_1), and every
-    frame would then be cut wrong both ways. A thread puts the size back within
-    about a millisecond of each change, until stop(). Use as a context manager."""
+TAPHOLD = BUILD_DIR / "libtaphold.so"
+HELD, FREE = b"1", b"0"
 
-    POLL = 0.001  # seconds between looks: frames in that window are lost
 
-    def __init__(self, fd: int) -> None:
+class Hold:
+    """Whether a QEMU leaves alone the tap it shares with its VM's other QEMU.
+
+    A VM's next QEMU starts while the VM runs in its current one, on the same tap
+    (sflib.fork.standby). c/taphold.c, preloaded into every QEMU with a card, reads
+    the first byte of a file: while the tap is held, that QEMU reads no frame from
+    it (frames wait in the tap's queue for the other QEMU) and does not change the
+    tap's virtio-net header size or offloads, which belong to the tap and which the
+    running QEMU set for its guest.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
         self.fd = fd
-        self.size = vnet_header_size(fd)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._keep, name=f"tap-header-{fd}", daemon=True)
 
-    def __enter__(self) -> HeaderKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._put_back()
-
-    def _keep(self) -> None:
-        while not self._stop.wait(self.POLL):
-            self._put_back()
-
-    def _put_back(self) -> None:
+    def create(self, held: bool) -> None:
+        """Raises SystemFailure."""
+        if not TAPHOLD.is_file():
+            raise SystemFailure(f"{TAPHOLD} is missing", hint="run make c")
         try:
-            if vnet_header_size(self.fd) != self.size:
-                set_vnet_header_size(self.fd, self.size)
-        except SystemFailure:
-            self._stop.set()  # the tap is gone: its VM is ending
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_bytes(HELD if held else FREE)
+        except OSError as e:
+            raise SystemFailure(f"cannot write {self.path}: {e.strerror}") from e
+
+    def set(self, held: bool) -> None:
+        """Takes effect as the QEMU next polls: once it has handled what wakes it
+        next (a command, at the latest). Raises SystemFailure."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, HELD if held else FREE, 0)  # QEMU's shared mapping sees it
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise SystemFailure(f"cannot write {self.path}: {e.strerror}") from e
+
+    def environment(self, env: Mapping[str, str] | None) -> dict[str, str]:
+        """env (or ours), with the shim preloaded beside what env preloads."""
+        base = dict(os.environ if env is None else env)
+        preload = " ".join(filter(None, (base.get("LD_PRELOAD"), str(TAPHOLD))))
+        return {**base, "LD_PRELOAD": preload, "SF_TAPHOLD": f"{self.fd}:{self.path}"}
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

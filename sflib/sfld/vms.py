@@ -177,6 +177,7 @@ class VMTable:
             qmp_socket=self.run_dir / f"{stem}.qmp",
             xenbus_socket=self.run_dir / f"{stem}.xenbus",
             console_log=vm_dir / "console.log",
+            tap_hold=self.run_dir / f"{stem}.taphold",
             extra={"qemu_log": vm_dir / "qemu.log", "record": vm_dir / "vm.json"},
         )
 
@@ -382,6 +383,7 @@ class VMTable:
             ("*.mem.free", self.memory_dir),
             ("*.qmp", self.run_dir),
             ("*.xenbus", self.run_dir),
+            ("*.taphold", self.run_dir),
         ):
             for path in folder.glob(pattern):
                 path.unlink(missing_ok=True)

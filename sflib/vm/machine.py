@@ -19,6 +19,7 @@ from qemu.qmp import EventListener, QMPClient, QMPError
 
 from sflib import run
 from sflib.errors import OperationTimeout, SystemFailure
+from sflib.net import tap
 from sflib.vm.qemu import NIC_ID, VMFiles, VMSpec, qemu_argv
 from sflib.xenstore.server import Connection, XenStoreServer
 from sflib.xenstore.snapshot import DomainSnapshot
@@ -50,6 +51,10 @@ class Machine:
         self.qmp.events.event_filter = _no_event
         self.channel: Connection | None = None  # set beforehand to continue a session
         self.hold_bus = False  # set beforehand: keep the channel for take_over()
+        # Set beforehand for a QEMU started beside its VM's running one: it leaves
+        # their tap alone until load_state (sflib.net.tap.Hold).
+        self.hold_tap = False
+        self._tap: tap.Hold | None = None
         self._held: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self.restore_from: DomainSnapshot | None = None  # set beforehand for a clone
         self.env: dict[str, str] | None = None  # QEMU's environment, if not ours
@@ -77,13 +82,21 @@ class Machine:
         try:
             await self._listen()
             fds = [self.spec.nic.fd] if self.spec.nic else []
-            self.proc = await run.spawn(self.argv, log_file=self.qemu_log, env=self.env,
-                                        pass_fds=fds)  # fmt: skip
+            self.proc = await run.spawn(self.argv, log_file=self.qemu_log,
+                                        env=self._environment(), pass_fds=fds)  # fmt: skip
             self.log.info("started QEMU, pid %d", self.proc.pid)
             await self._accept_qmp()
         except BaseException:
             await self.stop()
             raise
+
+    def _environment(self) -> dict[str, str] | None:
+        """QEMU's: self.env, and with a card the tap's hold. Raises SystemFailure."""
+        if self.spec.nic is None or self.files.tap_hold is None:
+            return self.env
+        self._tap = tap.Hold(self.files.tap_hold, self.spec.nic.fd)
+        self._tap.create(self.hold_tap)
+        return self._tap.environment(self.env)
 
     async def _listen(self) -> None:
         for sock in (self.files.qmp_socket, self.files.xenbus_socket):
@@ -173,6 +186,14 @@ class Machine:
     async def resume(self) -> None:
         await self.execute("cont")
 
+    def set_tap_held(self, held: bool) -> None:
+        """Whether QEMU leaves the VM's tap alone, from its main loop's next turn
+        (after the next command, at the latest). A stopped QEMU would read one
+        frame more and keep it for a guest that may never run in it again. Raises
+        SystemFailure."""
+        if self._tap is not None:
+            self._tap.set(held)
+
     async def set_link(self, up: bool) -> None:
         """The network card's link: down, the card neither sends nor receives."""
         await self.execute("set_link", {"name": NIC_ID, "up": up})
@@ -221,6 +242,7 @@ class Machine:
         if self._load_from != path:
             await self.prepare_load(path)
         self._load_from = None
+        self.set_tap_held(False)  # the VM's other QEMU is stopped: this one reads
         # QEMU loads the state in its main loop, and says with an event when it
         # has: polling would add a sleep and a round trip to every pause.
         with self.qmp.listener("MIGRATION") as events:
@@ -323,6 +345,8 @@ class Machine:
             self.channel.close()
 
     def _remove_files(self) -> None:
+        if self._tap is not None:
+            self._tap.remove()
         for path in (
             self.files.qmp_socket,
             self.files.xenbus_socket,

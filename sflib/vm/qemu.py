@@ -56,6 +56,7 @@ class VMFiles:
     console_log: Path
     extra: dict[str, Path] = field(default_factory=dict)
     owns_memory: bool = True  # False: a checkpoint's frozen file, shared with others
+    tap_hold: Path | None = None  # the flag its QEMU reads (sflib.net.tap.Hold)
 
 
 # init_on_free=1: the guest kernel zeroes pages as they are freed, not as they are

@@ -115,6 +115,44 @@ def test_clones_take_their_ids_identity_before_they_talk(host: Host) -> None:
     assert routers_on(host) == []
 
 
+# The parent forks 4 times, a clone each time, with a second between forks.
+FORKS = """
+sleep 3
+for n in 1 2 3 4; do
+  t=$(sf-ticket 1)
+  id=$(sf-clone "$t")
+  [ "$id" = 0 ] || sf-exit 0
+  sf-join "$t" >/dev/null; echo "FORK $n"; sleep 1
+done
+sleep 2; echo SF-DONE
+"""
+PING_INTERVAL = 0.02  # seconds: each pause and each standby QEMU's start sees pings
+
+
+def test_a_forking_parent_answers_every_ping(host: Host) -> None:
+    """A parent that forks and forks again, and whose next QEMUs start beside its
+    running one on the same tap, misses no frame sent to it."""
+    boot(host, "pinged", FORKS)
+    address = identity(1, 0).ip.split("/")[0]
+    ping = subprocess.Popen(["ip", "netns", "exec", str(host.netns), "ping", "-n", "-i",
+                             str(PING_INTERVAL), address], stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        out = console(host, "pinged")
+    finally:
+        ping.send_signal(signal.SIGINT)
+        replies, _ = ping.communicate(timeout=30)
+    assert [f"FORK {n}" for n in (1, 2, 3, 4)] == re.findall(r"^FORK \d", out, re.M)
+    sent = int(re.search(r"(\d+) packets transmitted", replies).group(1))  # type: ignore[union-attr]
+    answered = {int(n) for n in re.findall(r"icmp_seq=(\d+) ", replies)}
+    # All but the last second's, whose answers may still have been on their way.
+    asked = set(range(1, sent - int(1 / PING_INTERVAL)))
+    assert len(asked) > 400, replies[-500:]
+    assert asked - answered == set(), f"pings never answered: {sorted(asked - answered)}"
+    text = host.log.read_text()
+    assert text.count("goes on in its standby QEMU") == 4, text[-3000:]
+
+
 def networks_on(host: Host) -> list[int]:
     """The families whose network pieces are on host."""
     return asyncio.run(fabric.leftovers(host.netns))
