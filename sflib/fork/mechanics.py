@@ -173,7 +173,12 @@ async def _freeze(vms: VMTable, vm: VM, new: Machine, plan: _Plan, image_path: P
     old = vm.machine
     steps = Steps()
     old.set_tap_held(True)  # frames wait in the tap for new, which reads once loaded
-    await old.pause()
+    try:
+        await old.pause()
+    except BaseException:
+        await new.stop()
+        old.set_tap_held(False)
+        raise
     try:
         steps.done("stop")
         await old.save_devices(dir / "devstate")
