@@ -379,6 +379,15 @@ def measure(sizes: list[int], forks: int, write_mib: int = 0, clones: int = 2,
     return [run_setup(w, m, forks, write_mib, clones, avoidance) for m in sizes for w in where]
 
 
+def setups(text: str) -> tuple[str, ...]:
+    """--where's value: names in SETUPS, comma-separated."""
+    names = tuple(text.split(","))
+    if unknown := [n for n in names if n not in SETUPS]:
+        raise argparse.ArgumentTypeError(f"unknown setup {', '.join(unknown)} "
+                                         f"(choose from {', '.join(SETUPS)})")  # fmt: skip
+    return names
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="256,1024", help="guest RAM sizes in MiB")
@@ -386,13 +395,14 @@ def main() -> int:
     parser.add_argument("--write-mib", type=int, default=0,
                         help="MiB written between forks (0: up to 16, as RAM allows)")  # fmt: skip
     parser.add_argument("--clones", type=int, default=2, help="clones per fork")
-    parser.add_argument("--where", default=",".join(SETUPS), help="one-host, cluster or both")
+    parser.add_argument("--where", default=",".join(SETUPS), type=setups,
+                        help="one-host, cluster, or one-host,cluster (the default)")  # fmt: skip
     parser.add_argument("--no-avoidance", action="store_true",
                         help="sf-clone reports no free pages (SF_AVOIDANCE=0)")  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results = measure([int(s) for s in args.sizes.split(",")], args.forks, args.write_mib,
-                      args.clones, tuple(args.where.split(",")),
+                      args.clones, args.where,
                       not args.no_avoidance)  # fmt: skip
     out = BUILD_DIR / "bench" / "successive.json"
     out.parent.mkdir(parents=True, exist_ok=True)
